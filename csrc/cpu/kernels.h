@@ -1,0 +1,57 @@
+// CPU kernels of the omnicache ops: a framework-free interface.
+//
+// Each kernel processes a range of elements of one call; the torch glue
+// (ops_cpu.cpp) splits a call into fixed-size ranges and runs them in parallel.
+// The ranges never depend on the thread count, so results are bitwise-equal for
+// any number of threads.
+#pragma once
+
+#include <cstdint>
+
+namespace omnicache::cpu {
+
+enum class DType { F32, F16, BF16 };
+
+// Elements per reduction chunk: a fixed split of each sample, so the order of the
+// float32 sums depends on the shape alone.
+constexpr int64_t kChunk = 16384;
+
+// apply_residual_: hidden[i] += residual[i] + gamma[b] * correction[i].
+struct ApplyArgs {
+  void* hidden;
+  const void* residual;
+  const void* correction;  // null: no correction term
+  const float* gamma;      // null: gamma = 1
+  bool gamma_per_sample;   // gamma has shape [B] (else [])
+  int64_t per_sample;      // N: elements per sample
+  DType dtype;
+};
+
+// Reductions over one sample's elements [begin, end), writing K float32 partials.
+//   store_residual_:  x0 = out, x1 = inp, w0 = cache (read then written), w1 = delta or null
+//   trajectory_stats: x0 = x_next, x1 = x, x2 = x_prev
+//   rel_l1:           x0 = a, x1 = b
+struct ReduceArgs {
+  const void* x0;
+  const void* x1;
+  const void* x2;
+  void* w0;
+  void* w1;
+  DType dtype;
+};
+
+using ApplyFn = void (*)(const ApplyArgs&, int64_t begin, int64_t end);
+using ReduceFn = void (*)(const ReduceArgs&, int64_t begin, int64_t end, float* partials);
+
+struct KernelTable {
+  const char* isa;  // "avx2" or "baseline"
+  ApplyFn apply_residual;
+  ReduceFn store_residual;    // 4 partials
+  ReduceFn trajectory_stats;  // 3 partials
+  ReduceFn rel_l1;            // 2 partials
+};
+
+// The fastest table this CPU supports, chosen once.
+const KernelTable& kernels();
+
+}  // namespace omnicache::cpu

@@ -1,0 +1,307 @@
+"""The omnicache ops: fused bookkeeping for DiT feature caching.
+
+``import omnicache.ops`` loads the compiled library, which registers
+``torch.ops.omnicache.{apply_residual_, store_residual_, trajectory_stats, rel_l1}``
+(C++ kernels for CPU, CUDA kernels when built), registers the Triton kernels as the
+opaque custom ops ``torch.ops.omnicache_triton.*``, and gives each op's fake impl so
+all of them trace under ``torch.compile(fullgraph=True)``.
+
+The functions below are what engines call. Each picks a backend:
+
+- ``cpu``: the C++ kernels (CPU tensors);
+- ``cuda``: the CUDA kernels (CUDA tensors; present when built against a CUDA torch);
+- ``triton``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+- ``torch``: :mod:`omnicache.reference`, the pure-torch specification;
+- ``auto`` (default): ``cpu`` on CPU tensors; on CUDA tensors ``cuda`` if built, else
+  ``triton``.
+
+``set_backend`` or the environment variable ``OMNICACHE_BACKEND`` chooses; a backend
+that is not built or cannot run here is an error that names it, never a silent
+substitute. Every backend checks its arguments before it writes anything, so a
+refused call leaves the in-place target exactly as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers torch.ops.omnicache.*)
+from . import _checks, reference
+
+__all__ = [
+    "apply_residual_",
+    "store_residual_",
+    "trajectory_stats",
+    "rel_l1",
+    "set_backend",
+    "get_backend",
+    "available_backends",
+]
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1")
+
+
+# ----------------------------------------------------------------------------- fakes
+# Shapes only, plus the same argument checks as the kernels (minus the memory-overlap
+# test, which fake tensors cannot do).
+def _fake_apply_residual_(hidden, residual, correction=None, gamma=None):
+    _checks.check_apply_residual(hidden, residual, correction, gamma)
+
+
+def _fake_store_residual_(cache, delta, out, inp):
+    _checks.check_store_residual(cache, delta, out, inp)
+    return cache.new_empty((cache.shape[0], 4), dtype=torch.float32)
+
+
+def _fake_trajectory_stats(x_next, x, x_prev):
+    _checks.check_trajectory_stats(x_next, x, x_prev)
+    return x.new_empty((x.shape[0], 3), dtype=torch.float32)
+
+
+def _fake_rel_l1(a, b):
+    _checks.check_rel_l1(a, b)
+    return a.new_empty((a.shape[0], 2), dtype=torch.float32)
+
+
+_FAKES = {
+    "apply_residual_": _fake_apply_residual_,
+    "store_residual_": _fake_store_residual_,
+    "trajectory_stats": _fake_trajectory_stats,
+    "rel_l1": _fake_rel_l1,
+}
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"omnicache::{_name}")(_fake)
+
+
+# -------------------------------------------------------------------- triton ops
+# Opaque custom ops: torch.compile treats each as one call (torch.library.triton_op
+# would trace into the kernel, which the interpreter cannot run).
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_kernels():
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("omnicache: backend 'triton' needs the triton package, which is not installed")
+    from . import kernels
+
+    return kernels
+
+
+def _triton_device_ok(t: Tensor) -> None:
+    if t.device.type == "cpu" and not _triton_interpret():
+        raise RuntimeError(
+            "omnicache: backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1 "
+            "(set before triton is imported)"
+        )
+
+
+@torch.library.custom_op("omnicache_triton::apply_residual_", mutates_args=("hidden",))
+def _triton_apply_residual_(hidden: Tensor, residual: Tensor, correction: Tensor | None = None,
+                            gamma: Tensor | None = None) -> None:
+    _checks.check_apply_residual(hidden, residual, correction, gamma)
+    _triton_device_ok(hidden)
+    _triton_kernels().apply_residual.apply_residual_(hidden, residual, correction, gamma)
+
+
+@torch.library.custom_op("omnicache_triton::store_residual_", mutates_args=("cache", "delta"))
+def _triton_store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor) -> Tensor:
+    _checks.check_store_residual(cache, delta, out, inp)
+    _triton_device_ok(cache)
+    return _triton_kernels().store_residual.store_residual_(cache, delta, out, inp)
+
+
+@torch.library.custom_op("omnicache_triton::trajectory_stats", mutates_args=())
+def _triton_trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
+    _checks.check_trajectory_stats(x_next, x, x_prev)
+    _triton_device_ok(x)
+    return _triton_kernels().trajectory_stats.trajectory_stats(x_next, x, x_prev)
+
+
+@torch.library.custom_op("omnicache_triton::rel_l1", mutates_args=())
+def _triton_rel_l1(a: Tensor, b: Tensor) -> Tensor:
+    _checks.check_rel_l1(a, b)
+    _triton_device_ok(a)
+    return _triton_kernels().rel_l1.rel_l1(a, b)
+
+
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"omnicache_triton::{_name}")(_fake)
+
+
+# ----------------------------------------------------------------- torch backend
+def _torch_apply_residual_(hidden, residual, correction=None, gamma=None):
+    _checks.check_apply_residual(hidden, residual, correction, gamma)
+    reference.apply_residual_(hidden, residual, correction, gamma)
+
+
+def _torch_store_residual_(cache, delta, out, inp):
+    _checks.check_store_residual(cache, delta, out, inp)
+    return reference.store_residual_(cache, delta, out, inp)
+
+
+def _torch_trajectory_stats(x_next, x, x_prev):
+    _checks.check_trajectory_stats(x_next, x, x_prev)
+    return reference.trajectory_stats(x_next, x, x_prev)
+
+
+def _torch_rel_l1(a, b):
+    _checks.check_rel_l1(a, b)
+    return reference.rel_l1(a, b)
+
+
+class _Torch:
+    apply_residual_ = staticmethod(_torch_apply_residual_)
+    store_residual_ = staticmethod(_torch_store_residual_)
+    trajectory_stats = staticmethod(_torch_trajectory_stats)
+    rel_l1 = staticmethod(_torch_rel_l1)
+
+
+def _impls(backend: str):
+    if backend in ("cpu", "cuda"):
+        return torch.ops.omnicache
+    if backend == "triton":
+        return torch.ops.omnicache_triton
+    return _Torch
+
+
+# -------------------------------------------------------------------- backends
+def cuda_kernels_built() -> bool:
+    """Whether ``omnicache._C`` was compiled with the CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("omnicache::rel_l1", "CUDA")
+
+
+def _unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine, or None if it can."""
+    if backend == "cuda":
+        if not cuda_kernels_built():
+            return "omnicache._C was built without CUDA kernels"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not installed"
+        if not (torch.cuda.is_available() or _triton_interpret()):
+            return "no CUDA device is available and TRITON_INTERPRET=1 is not set"
+    return None
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here (``auto`` always can)."""
+    return ["auto"] + [b for b in BACKENDS[1:] if _unavailable(b) is None]
+
+
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every op: one of ``auto, cpu, cuda, triton, torch``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` for a backend that
+    is not built or cannot run here.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"omnicache: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    reason = _unavailable(name)
+    if reason is not None:
+        raise RuntimeError(f"omnicache: backend {name!r} is not available: {reason}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend chosen by :func:`set_backend` or ``OMNICACHE_BACKEND``."""
+    return _backend
+
+
+def _resolve(device: torch.device) -> str:
+    """The backend that runs on ``device`` under the current choice."""
+    kind = device.type
+    if _backend == "auto":
+        if kind == "cpu":
+            return "cpu"
+        if kind == "cuda":
+            return "cuda" if cuda_kernels_built() else "triton"
+        return "torch"
+    if _backend in ("cpu", "cuda") and kind != _backend:
+        raise ValueError(f"omnicache: backend {_backend!r} cannot run on {kind} tensors")
+    if _backend == "triton" and kind not in ("cuda", "cpu"):
+        raise ValueError(f"omnicache: backend 'triton' cannot run on {kind} tensors")
+    return _backend
+
+
+# ------------------------------------------------------------------- the ops
+def apply_residual_(hidden: Tensor, residual: Tensor, correction: Tensor | None = None,
+                    gamma: Tensor | None = None) -> None:
+    """Add a cached residual, with a γ-scaled correction, to ``hidden`` in place.
+
+    ``hidden[b] += residual[b] + gamma[b] * correction[b]`` for each sample ``b``,
+    computed in float32 and rounded once to ``hidden.dtype``; ``gamma`` defaults to 1
+    and there is no correction term when ``correction`` is None.
+
+    Args:
+        hidden: ``[B, ...]`` float32/float16/bfloat16, contiguous; written in place.
+        residual, correction: same shape, dtype and device as ``hidden``; may be strided.
+        gamma: float32 device tensor of shape ``[]`` or ``[B]`` (needs ``correction``).
+
+    Bytes moved: 4N·s with a correction (3 reads, 1 write), 3N·s without, for N
+    elements of s bytes.
+    """
+    _impls(_resolve(hidden.device)).apply_residual_(hidden, residual, correction, gamma)
+
+
+def store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor) -> Tensor:
+    """Store a block's residual and measure how far it moved.
+
+    ``new = out - inp``; ``delta = new - cache`` (if given); ``cache = new``, all
+    in place, computed in float32. Returns ``[B, 4]`` float32 per sample:
+    ``Σ|new - old|, Σ|old|, Σ(new - old)², Σold²`` with ``old`` the cache before the
+    call and ``new`` unrounded.
+
+    Args:
+        cache: ``[B, ...]`` float32/float16/bfloat16, contiguous; written in place.
+        delta: None, or like ``cache``; written in place.
+        out, inp: like ``cache``; may be strided.
+
+    Bytes moved: 5N·s with ``delta`` (3 reads, 2 writes), 4N·s without.
+    """
+    return _impls(_resolve(cache.device)).store_residual_(cache, delta, out, inp)
+
+
+def trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
+    """Second-order statistics of three consecutive points of a trajectory.
+
+    ``v1 = x_next - x``, ``v0 = x - x_prev``; returns ``[B, 3]`` float32 per sample:
+    ``‖v1‖², ‖v0‖², ⟨v1, v0⟩``. The curvature is ``1 - ⟨v1,v0⟩ / (‖v1‖‖v0‖)`` and
+    the least-squares γ of ``v1 ≈ γ v0`` is ``⟨v1,v0⟩ / ‖v0‖²``.
+
+    Args:
+        x_next, x, x_prev: ``[B, ...]`` float32/float16/bfloat16, same shape; may be strided.
+
+    Bytes moved: 3N·s.
+    """
+    return _impls(_resolve(x.device)).trajectory_stats(x_next, x, x_prev)
+
+
+def rel_l1(a: Tensor, b: Tensor) -> Tensor:
+    """Relative-L1 terms: returns ``[B, 2]`` float32 per sample: ``Σ|a - b|, Σ|b|``.
+
+    Args:
+        a, b: ``[B, ...]`` float32/float16/bfloat16, same shape; may be strided.
+
+    Bytes moved: 2N·s.
+    """
+    return _impls(_resolve(a.device)).rel_l1(a, b)
+
+
+try:
+    set_backend(os.environ.get("OMNICACHE_BACKEND", "auto"))
+except (ValueError, RuntimeError) as err:
+    raise RuntimeError(f"OMNICACHE_BACKEND: {err}") from None
