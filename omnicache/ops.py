@@ -287,7 +287,7 @@ def trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
 
     Bytes moved: 3N·s.
     """
-    return _impls(_resolve(x.device)).trajectory_stats(x_next, x, x_prev)
+    return _impls(_resolve(x_next.device)).trajectory_stats(x_next, x, x_prev)
 
 
 def rel_l1(a: Tensor, b: Tensor) -> Tensor:

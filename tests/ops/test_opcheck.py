@@ -1,0 +1,53 @@
+"""torch.library.opcheck on every op: schema, fake impl, autograd registration, AOT."""
+
+import pytest
+import torch
+
+from opsutil import DTYPES, INTERPRET, make
+
+SHAPE = (3, 5, 7)
+
+
+def op_device(namespace: str) -> str:
+    """The C++ ops are checked on CPU in the main process; the Triton ops on CPU in
+    the interpreter process, and on CUDA where there is a GPU."""
+    if namespace == "omnicache":
+        if INTERPRET:
+            pytest.skip("the C++ ops are opchecked in the main (non-interpreter) process")
+        return "cpu"
+    if INTERPRET:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("Triton ops on CPU run in the TRITON_INTERPRET=1 process")
+
+
+def samples(dtype):
+    x = [make(SHAPE, dtype, seed=s) for s in range(4)]
+    return {
+        "apply_residual_": [
+            (x[0].clone(), x[1]),
+            (x[0].clone(), x[1], x[2]),
+            (x[0].clone(), x[1], x[2], torch.tensor(0.5)),
+            (x[0].clone(), x[1], x[2], torch.rand(SHAPE[0])),
+        ],
+        "store_residual_": [
+            (x[0].clone(), None, x[1], x[2]),
+            (x[0].clone(), torch.empty_like(x[0]), x[1], x[2]),
+        ],
+        "trajectory_stats": [(x[0], x[1], x[2])],
+        "rel_l1": [(x[0], x[1])],
+    }
+
+
+@pytest.mark.parametrize("namespace", ["omnicache", "omnicache_triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opname", ["apply_residual_", "store_residual_", "trajectory_stats", "rel_l1"])
+def test_opcheck(namespace, opname, dtype):
+    import omnicache.ops  # noqa: F401  (registers both namespaces)
+
+    device = op_device(namespace)
+    op = getattr(getattr(torch.ops, namespace), opname)
+    for args in samples(dtype)[opname]:
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args)
