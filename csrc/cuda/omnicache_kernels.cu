@@ -1,0 +1,530 @@
+// CUDA kernels of the omnicache ops. API and exact formulas: omnicache_kernels.h.
+//
+// One kernel skeleton serves all four ops. Thread block `blk` = b * chunks + c handles
+// elements [c * kChunkElements, min((c + 1) * kChunkElements, N)) of sample b, so the
+// block knows its sample (per-sample gamma costs one load per block) and a chunk never
+// straddles two samples. Thread t of a block owns the chunk elements
+//     i * (kThreads * V) + t * V + j,   i < kIters, j < V,
+// V the elements of one 16-byte vector (4 floats, 8 halves / bfloat16), and visits
+// them in order (i, j). That order is the same whether an element is loaded in a
+// vector or alone, so an op's statistics do not depend on pointer alignment:
+//   - full chunk, every pointer 16-byte aligned at the chunk start: 16-byte loads and
+//     stores, kBatch vectors per input loaded before any is used (memory parallelism);
+//   - otherwise (a sample's last chunk, or N not a multiple of V, or a misaligned
+//     view): 16-byte accesses where the vector is aligned and inside the chunk, scalar
+//     accesses elsewhere.
+// Reductions then sum the threads' accumulators in a fixed tree (warp shuffles, then
+// one warp over the per-warp sums in shared memory) into one float32 partial per block
+// (stage 1), and sum_partials_kernel adds each sample's partials in a fixed order
+// (stage 2). No atomics, nothing depends on the device.
+#include "omnicache_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace omnicache::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+static_assert((kWarps & (kWarps - 1)) == 0, "the cross-warp butterfly needs a power of two");
+
+// Size of an array that holds `n` values but may not be empty.
+template <int n>
+inline constexpr int kDim = n > 0 ? n : 1;
+
+// ------------------------------------------------------------------ element types
+// Conversions between a storage type and float32: exact widening, round-to-nearest-even
+// narrowing. `bits` forms work on the element's bit pattern inside a 16-byte vector.
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static __device__ __forceinline__ float to_float(float x) { return x; }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
+  static __device__ __forceinline__ float from_bits(uint32_t b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ uint32_t to_bits(float x) { return __float_as_uint(x); }
+};
+
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float from_bits(uint32_t b) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+  }
+  static __device__ __forceinline__ uint32_t to_bits(float x) {
+    return __half_as_ushort(__float2half_rn(x));
+  }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
+    return __float2bfloat16_rn(x);
+  }
+  static __device__ __forceinline__ float from_bits(uint32_t b) {
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(b)));
+  }
+  static __device__ __forceinline__ uint32_t to_bits(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+};
+
+__device__ __forceinline__ uint32_t get_word(const uint4& v, int w) {
+  return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ void set_word(uint4& v, int w, uint32_t x) {
+  if (w == 0) v.x = x;
+  else if (w == 1) v.y = x;
+  else if (w == 2) v.z = x;
+  else v.w = x;
+}
+
+// 16 bytes of T (vec_t style): one 128-bit load or store. Element j lives in word
+// j / kPerWord, at bit (j % kPerWord) * kBits (little-endian, as in memory).
+template <typename T>
+struct Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  static constexpr int kBits = 8 * sizeof(T);
+  static constexpr int kPerWord = 4 / sizeof(T);
+  uint4 raw;
+
+  __device__ __forceinline__ void load(const T* p) { raw = *reinterpret_cast<const uint4*>(p); }
+  __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<uint4*>(p) = raw; }
+
+  __device__ __forceinline__ float get(int j) const {
+    const uint32_t w = get_word(raw, j / kPerWord);
+    if constexpr (kBits == 32) {
+      return Elem<T>::from_bits(w);
+    } else {
+      return Elem<T>::from_bits((w >> ((j % kPerWord) * kBits)) & 0xffffu);
+    }
+  }
+
+  __device__ __forceinline__ void set(int j, float x) {
+    const uint32_t bits = Elem<T>::to_bits(x);
+    if constexpr (kBits == 32) {
+      set_word(raw, j, bits);
+    } else {
+      const int shift = (j % kPerWord) * kBits;
+      const uint32_t w = get_word(raw, j / kPerWord);
+      set_word(raw, j / kPerWord, (w & ~(0xffffu << shift)) | (bits << shift));
+    }
+  }
+};
+
+__host__ __device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// ------------------------------------------------------------------ the ops
+// An op maps kIn float inputs of one element to kOut float outputs (stored rounded to
+// T; an output pointer may be null: not stored) and folds the element into kStats
+// float32 accumulators. for_sample(b) returns the op specialised to sample b.
+template <typename T, int kIn, int kOut>
+struct Operands {
+  const T* in[kIn];
+  T* out[kDim<kOut>];  // may alias in[] element for element (in-place targets)
+};
+
+// hidden = hidden + residual (+ g * correction).   in: hidden, residual[, correction]
+template <bool kCorrection>
+struct ApplyResidualOp {
+  static constexpr int kIn = kCorrection ? 3 : 2;
+  static constexpr int kOut = 1;
+  static constexpr int kStats = 0;
+  const float* gamma;  // null: g = 1
+  bool gamma_per_sample;
+  float g;
+
+  __device__ __forceinline__ ApplyResidualOp for_sample(int64_t b) const {
+    ApplyResidualOp op = *this;
+    if (gamma != nullptr) op.g = gamma[gamma_per_sample ? b : 0];
+    return op;
+  }
+  __device__ __forceinline__ void operator()(const float* x, float* y, float*) const {
+    const float h = __fadd_rn(x[0], x[1]);
+    if constexpr (kCorrection) {
+      y[0] = __fmaf_rn(g, x[2], h);
+    } else {
+      y[0] = h;
+    }
+  }
+};
+
+// new = out - inp; d = new - old; cache = new; delta = d.   in: out, inp, cache(old)
+struct StoreResidualOp {
+  static constexpr int kIn = 3;
+  static constexpr int kOut = 2;  // cache, delta
+  static constexpr int kStats = kStoreResidualStats;
+
+  __device__ __forceinline__ StoreResidualOp for_sample(int64_t) const { return *this; }
+  __device__ __forceinline__ void operator()(const float* x, float* y, float* acc) const {
+    const float fresh = __fsub_rn(x[0], x[1]);
+    const float old = x[2];
+    const float d = __fsub_rn(fresh, old);
+    y[0] = fresh;
+    y[1] = d;
+    acc[0] = __fadd_rn(acc[0], fabsf(d));
+    acc[1] = __fadd_rn(acc[1], fabsf(old));
+    acc[2] = __fmaf_rn(d, d, acc[2]);
+    acc[3] = __fmaf_rn(old, old, acc[3]);
+  }
+};
+
+// v1 = x_next - x; v0 = x - x_prev.   in: x_next, x, x_prev
+struct TrajectoryStatsOp {
+  static constexpr int kIn = 3;
+  static constexpr int kOut = 0;
+  static constexpr int kStats = kTrajectoryStatsStats;
+
+  __device__ __forceinline__ TrajectoryStatsOp for_sample(int64_t) const { return *this; }
+  __device__ __forceinline__ void operator()(const float* x, float*, float* acc) const {
+    const float v1 = __fsub_rn(x[0], x[1]);
+    const float v0 = __fsub_rn(x[1], x[2]);
+    acc[0] = __fmaf_rn(v1, v1, acc[0]);
+    acc[1] = __fmaf_rn(v0, v0, acc[1]);
+    acc[2] = __fmaf_rn(v1, v0, acc[2]);
+  }
+};
+
+// |a - b|, |b|.   in: a, b
+struct RelL1Op {
+  static constexpr int kIn = 2;
+  static constexpr int kOut = 0;
+  static constexpr int kStats = kRelL1Stats;
+
+  __device__ __forceinline__ RelL1Op for_sample(int64_t) const { return *this; }
+  __device__ __forceinline__ void operator()(const float* x, float*, float* acc) const {
+    acc[0] = __fadd_rn(acc[0], fabsf(__fsub_rn(x[0], x[1])));
+    acc[1] = __fadd_rn(acc[1], fabsf(x[1]));
+  }
+};
+
+// ------------------------------------------------------------------ stage 1
+template <typename T>
+struct ChunkShape {
+  static constexpr int kVec = Pack<T>::kSize;
+  static constexpr int kStep = kThreads * kVec;  // elements per block-wide vector access
+  static constexpr int kIters = static_cast<int>(kChunkElements) / kStep;
+  static constexpr int kBatch = kIters < 4 ? kIters : 4;  // vectors in flight per input
+  static_assert(kChunkElements % kStep == 0, "a chunk is whole block-wide vector steps");
+  static_assert(kIters % kBatch == 0, "the full-chunk path loads whole batches");
+};
+
+// Apply the op to the kVec elements of one vector per input (order j = 0..kVec-1), then
+// store the output vectors at `offset`.
+template <typename T, typename Op>
+__device__ __forceinline__ void apply_pack(const Op& op, const Pack<T> (&x)[Op::kIn],
+                                          const Operands<T, Op::kIn, Op::kOut>& p,
+                                          int64_t offset, float* acc) {
+  Pack<T> y[kDim<Op::kOut>] = {};
+#pragma unroll
+  for (int j = 0; j < Pack<T>::kSize; ++j) {
+    float xs[Op::kIn];
+#pragma unroll
+    for (int k = 0; k < Op::kIn; ++k) xs[k] = x[k].get(j);
+    float ys[kDim<Op::kOut>] = {};
+    op(xs, ys, acc);
+#pragma unroll
+    for (int o = 0; o < Op::kOut; ++o) y[o].set(j, ys[o]);
+  }
+#pragma unroll
+  for (int o = 0; o < Op::kOut; ++o) {
+    if (p.out[o] != nullptr) y[o].store(p.out[o] + offset);
+  }
+}
+
+// A whole chunk with every pointer 16-byte aligned at `start`: vector accesses only.
+template <typename T, typename Op>
+__device__ __forceinline__ void full_chunk(const Op& op, const Operands<T, Op::kIn, Op::kOut>& p,
+                                           int64_t start, float* acc) {
+  using S = ChunkShape<T>;
+  const int64_t first = start + static_cast<int64_t>(threadIdx.x) * S::kVec;
+#pragma unroll
+  for (int i0 = 0; i0 < S::kIters; i0 += S::kBatch) {
+    Pack<T> x[S::kBatch][Op::kIn];
+#pragma unroll
+    for (int u = 0; u < S::kBatch; ++u) {
+#pragma unroll
+      for (int k = 0; k < Op::kIn; ++k) x[u][k].load(p.in[k] + first + (i0 + u) * S::kStep);
+    }
+#pragma unroll
+    for (int u = 0; u < S::kBatch; ++u) apply_pack<T>(op, x[u], p, first + (i0 + u) * S::kStep, acc);
+  }
+}
+
+// The first `len` elements of a chunk; `aligned`: every pointer is 16-byte aligned at
+// `start`. Same element order as full_chunk.
+template <typename T, typename Op>
+__device__ __forceinline__ void partial_chunk(const Op& op,
+                                              const Operands<T, Op::kIn, Op::kOut>& p,
+                                              int64_t start, int len, bool aligned, float* acc) {
+  using S = ChunkShape<T>;
+  for (int i = 0; i < S::kIters; ++i) {
+    const int base = i * S::kStep + static_cast<int>(threadIdx.x) * S::kVec;
+    if (base >= len) break;  // later steps of this thread lie further out
+    if (aligned && base + S::kVec <= len) {
+      Pack<T> x[Op::kIn];
+#pragma unroll
+      for (int k = 0; k < Op::kIn; ++k) x[k].load(p.in[k] + start + base);
+      apply_pack<T>(op, x, p, start + base, acc);
+      continue;
+    }
+    // Scalar accesses: all loads first (independent, so they overlap), then the op.
+    float xs[S::kVec][Op::kIn];
+#pragma unroll
+    for (int j = 0; j < S::kVec; ++j) {
+#pragma unroll
+      for (int k = 0; k < Op::kIn; ++k) {
+        xs[j][k] = base + j < len ? Elem<T>::to_float(p.in[k][start + base + j]) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < S::kVec; ++j) {
+      if (base + j >= len) break;
+      float ys[kDim<Op::kOut>] = {};
+      op(xs[j], ys, acc);
+#pragma unroll
+      for (int o = 0; o < Op::kOut; ++o) {
+        if (p.out[o] != nullptr) p.out[o][start + base + j] = Elem<T>::from_float(ys[o]);
+      }
+    }
+  }
+}
+
+// Sum of `acc` over the block, in a fixed order; the result is in thread 0.
+template <int K>
+__device__ __forceinline__ void block_sum(float* acc, float (*smem)[K]) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = __fadd_rn(acc[k], __shfl_xor_sync(0xffffffffu, acc[k], offset));
+  }
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) smem[warp][k] = acc[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = lane < kWarps ? smem[lane][k] : 0.0f;
+#pragma unroll
+    for (int offset = kWarps / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc[k] = __fadd_rn(acc[k], __shfl_xor_sync(0xffffffffu, acc[k], offset));
+    }
+  }
+}
+
+// Stage 1 (and the whole of an elementwise op): block b * chunks + c handles chunk c of
+// sample b; with statistics it writes them to partials[(b * chunks + c) * kStats + k].
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kThreads)
+    chunk_kernel(const Op op, const Operands<T, Op::kIn, Op::kOut> p, int64_t per_sample,
+                 int64_t chunks, float* partials) {
+  const int64_t block = blockIdx.x;
+  const int64_t b = block / chunks;
+  const int64_t c = block - b * chunks;
+  const int64_t start = b * per_sample + c * kChunkElements;
+  const int64_t left = per_sample - c * kChunkElements;
+  const int len = static_cast<int>(left < kChunkElements ? left : kChunkElements);
+
+  bool aligned = true;
+#pragma unroll
+  for (int k = 0; k < Op::kIn; ++k) aligned = aligned && aligned16(p.in[k] + start);
+#pragma unroll
+  for (int o = 0; o < Op::kOut; ++o) {
+    aligned = aligned && (p.out[o] == nullptr || aligned16(p.out[o] + start));
+  }
+
+  const Op sample_op = op.for_sample(b);
+  float acc[kDim<Op::kStats>] = {};
+  if (aligned && len == kChunkElements) {
+    full_chunk<T>(sample_op, p, start, acc);
+  } else {
+    partial_chunk<T>(sample_op, p, start, len, aligned, acc);
+  }
+
+  if constexpr (Op::kStats > 0) {
+    __shared__ float smem[kWarps][Op::kStats];
+    block_sum<Op::kStats>(acc, smem);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int k = 0; k < Op::kStats; ++k) partials[block * Op::kStats + k] = acc[k];
+    }
+  }
+}
+
+// ------------------------------------------------------------------ stage 2
+// stats[b, k] = sum over c of partials[b, c, k]: thread t adds chunks t, t + kThreads,
+// ... in order, then block_sum. One block per sample.
+template <int K>
+__global__ void __launch_bounds__(kThreads)
+    sum_partials_kernel(const float* partials, int64_t chunks, float* stats) {
+  const int64_t b = blockIdx.x;
+  const float* row = partials + b * chunks * K;
+  float acc[K] = {};
+  for (int64_t c = threadIdx.x; c < chunks; c += kThreads) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = __fadd_rn(acc[k], row[c * K + k]);
+  }
+  __shared__ float smem[kWarps][K];
+  block_sum<K>(acc, smem);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) stats[b * K + k] = acc[k];
+  }
+}
+
+// ------------------------------------------------------------------ launchers
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The one dtype dispatch: calls f(TypeTag<T>{}) with T the storage type of `dtype`.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32:
+      return f(TypeTag<float>{});
+    case DType::F16:
+      return f(TypeTag<__half>{});
+    case DType::BF16:
+      return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Runs `op` over [batch, per_sample] (both > 0); with statistics, writes [batch, kStats]
+// to `stats` through the workspace (stage 2) when a sample has more than one chunk.
+template <typename T, typename Op>
+cudaError_t launch(const Op& op, const Operands<T, Op::kIn, Op::kOut>& p, int64_t batch,
+                   int64_t per_sample, float* stats, void* workspace, size_t workspace_bytes,
+                   cudaStream_t stream) {
+  const int64_t chunks = chunks_per_sample(per_sample);
+  if (chunks > INT32_MAX / batch) return cudaErrorInvalidValue;  // grid.x limit
+  const unsigned int blocks = static_cast<unsigned int>(batch * chunks);
+  float* partials = stats;
+  const bool two_stage = Op::kStats > 0 && chunks > 1;
+  if (two_stage) {
+    const size_t need = reduction_workspace_bytes(batch, per_sample, Op::kStats);
+    if (workspace == nullptr || workspace_bytes < need ||
+        reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0) {
+      return cudaErrorInvalidValue;
+    }
+    partials = static_cast<float*>(workspace);
+  }
+  chunk_kernel<T, Op><<<blocks, kThreads, 0, stream>>>(op, p, per_sample, chunks, partials);
+  if constexpr (Op::kStats > 0) {
+    if (two_stage) {
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      sum_partials_kernel<Op::kStats><<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
+          partials, chunks, stats);
+    }
+  }
+  return cudaGetLastError();
+}
+
+// Shared argument handling of the reductions: validates, zero-fills `stats` for empty
+// samples, and returns true in *done when there is nothing left to launch.
+cudaError_t reduction_prologue(int64_t batch, int64_t per_sample, int num_stats, float* stats,
+                               cudaStream_t stream, bool* done) {
+  *done = true;
+  if (batch < 0 || per_sample < 0) return cudaErrorInvalidValue;
+  if (batch == 0) return cudaSuccess;
+  if (stats == nullptr) return cudaErrorInvalidValue;
+  if (per_sample == 0) {
+    return cudaMemsetAsync(stats, 0, static_cast<size_t>(batch) * num_stats * sizeof(float),
+                           stream);
+  }
+  *done = false;
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t apply_residual(void* hidden, const void* residual, const void* correction,
+                           const float* gamma, bool gamma_per_sample, int64_t batch,
+                           int64_t per_sample, DType dtype, cudaStream_t stream) {
+  if (batch < 0 || per_sample < 0) return cudaErrorInvalidValue;
+  if (batch == 0 || per_sample == 0) return cudaSuccess;
+  if (hidden == nullptr || residual == nullptr) return cudaErrorInvalidValue;
+  if (gamma != nullptr && correction == nullptr) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    T* h = static_cast<T*>(hidden);
+    const T* r = static_cast<const T*>(residual);
+    if (correction != nullptr) {
+      const ApplyResidualOp<true> op{gamma, gamma_per_sample, 1.0f};
+      const Operands<T, 3, 1> p{{h, r, static_cast<const T*>(correction)}, {h}};
+      return launch<T>(op, p, batch, per_sample, nullptr, nullptr, 0, stream);
+    }
+    const ApplyResidualOp<false> op{nullptr, false, 1.0f};
+    const Operands<T, 2, 1> p{{h, r}, {h}};
+    return launch<T>(op, p, batch, per_sample, nullptr, nullptr, 0, stream);
+  });
+}
+
+cudaError_t store_residual(void* cache, void* delta, const void* out, const void* inp,
+                           int64_t batch, int64_t per_sample, DType dtype, float* stats,
+                           void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  bool done = false;
+  const cudaError_t err =
+      reduction_prologue(batch, per_sample, kStoreResidualStats, stats, stream, &done);
+  if (done) return err;
+  if (cache == nullptr || out == nullptr || inp == nullptr) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    T* c = static_cast<T*>(cache);
+    const Operands<T, 3, 2> p{{static_cast<const T*>(out), static_cast<const T*>(inp), c},
+                              {c, static_cast<T*>(delta)}};
+    return launch<T>(StoreResidualOp{}, p, batch, per_sample, stats, workspace, workspace_bytes,
+                     stream);
+  });
+}
+
+cudaError_t trajectory_stats(const void* x_next, const void* x, const void* x_prev,
+                             int64_t batch, int64_t per_sample, DType dtype, float* stats,
+                             void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  bool done = false;
+  const cudaError_t err =
+      reduction_prologue(batch, per_sample, kTrajectoryStatsStats, stats, stream, &done);
+  if (done) return err;
+  if (x_next == nullptr || x == nullptr || x_prev == nullptr) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    const Operands<T, 3, 0> p{{static_cast<const T*>(x_next), static_cast<const T*>(x),
+                               static_cast<const T*>(x_prev)},
+                              {nullptr}};
+    return launch<T>(TrajectoryStatsOp{}, p, batch, per_sample, stats, workspace,
+                     workspace_bytes, stream);
+  });
+}
+
+cudaError_t rel_l1(const void* a, const void* b, int64_t batch, int64_t per_sample,
+                   DType dtype, float* stats, void* workspace, size_t workspace_bytes,
+                   cudaStream_t stream) {
+  bool done = false;
+  const cudaError_t err = reduction_prologue(batch, per_sample, kRelL1Stats, stats, stream, &done);
+  if (done) return err;
+  if (a == nullptr || b == nullptr) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    const Operands<T, 2, 0> p{{static_cast<const T*>(a), static_cast<const T*>(b)}, {nullptr}};
+    return launch<T>(RelL1Op{}, p, batch, per_sample, stats, workspace, workspace_bytes, stream);
+  });
+}
+
+}  // namespace omnicache::cuda

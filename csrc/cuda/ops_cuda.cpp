@@ -1,0 +1,147 @@
+// CUDA implementations of the omnicache ops: torch glue around omnicache_kernels.h.
+//
+// Built only against a CUDA torch. Each op checks its arguments (csrc/checks.h) before
+// anything is written, returns early on empty tensors, makes read-only inputs
+// contiguous, allocates outputs and the reduction workspace from torch's caching
+// allocator, and launches on the current stream: no host synchronisation, so every op
+// can be captured in a CUDA graph. Semantics: omnicache/reference.py.
+#include "omnicache_kernels.h"
+
+#include "../checks.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace omnicache {
+namespace {
+
+namespace kernels = omnicache::cuda;
+
+kernels::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return kernels::DType::F32;
+    case at::kHalf:
+      return kernels::DType::F16;
+    case at::kBFloat16:
+      return kernels::DType::BF16;
+    default:
+      TORCH_CHECK(false, "omnicache: unsupported dtype ", t.scalar_type());  // checks refuse it first
+  }
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "omnicache.", op, " (cuda): kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+at::Tensor empty_stats(const at::Tensor& like, int64_t num_stats) {
+  return at::empty({like.size(0), num_stats}, like.options().dtype(at::kFloat));
+}
+
+// Workspace of the two-stage reductions (undefined tensor when none is needed).
+at::Tensor workspace_for(const at::Tensor& like, int num_stats) {
+  const size_t bytes =
+      kernels::reduction_workspace_bytes(like.size(0), per_sample(like), num_stats);
+  if (bytes == 0) return at::Tensor();
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+size_t nbytes_or_zero(const at::Tensor& t) { return t.defined() ? t.nbytes() : 0; }
+
+// The current stream of the current device (set by the CUDAGuard of each op). From c10
+// rather than ATen/cuda/CUDAContext.h, which also pulls in the cuBLAS/cuSPARSE headers.
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void apply_residual_cuda(const at::Tensor& hidden, const at::Tensor& residual,
+                         const std::optional<at::Tensor>& correction,
+                         const std::optional<at::Tensor>& gamma) {
+  check_apply_residual(hidden, residual, correction, gamma);
+  if (hidden.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const at::Tensor r = residual.contiguous();
+  const at::Tensor c = correction ? correction->contiguous() : at::Tensor();
+  const at::Tensor g = gamma ? gamma->contiguous() : at::Tensor();
+  const cudaError_t err = kernels::apply_residual(
+      hidden.data_ptr(), r.data_ptr(), data_or_null(c),
+      g.defined() ? g.data_ptr<float>() : nullptr, g.defined() && g.dim() == 1, hidden.size(0),
+      per_sample(hidden), dtype_of(hidden), current_stream());
+  check_launch(err, "apply_residual_");
+}
+
+at::Tensor store_residual_cuda(const at::Tensor& cache, const std::optional<at::Tensor>& delta,
+                               const at::Tensor& out, const at::Tensor& inp) {
+  check_store_residual(cache, delta, out, inp);
+  const c10::cuda::CUDAGuard guard(cache.device());
+  if (cache.numel() == 0) {
+    return at::zeros({cache.size(0), kernels::kStoreResidualStats},
+                     cache.options().dtype(at::kFloat));
+  }
+  const at::Tensor o = out.contiguous();
+  const at::Tensor i = inp.contiguous();
+  at::Tensor stats = empty_stats(cache, kernels::kStoreResidualStats);
+  const at::Tensor ws = workspace_for(cache, kernels::kStoreResidualStats);
+  const cudaError_t err = kernels::store_residual(
+      cache.data_ptr(), delta ? delta->data_ptr() : nullptr, o.data_ptr(), i.data_ptr(),
+      cache.size(0), per_sample(cache), dtype_of(cache), stats.data_ptr<float>(),
+      data_or_null(ws), nbytes_or_zero(ws), current_stream());
+  check_launch(err, "store_residual_");
+  return stats;
+}
+
+at::Tensor trajectory_stats_cuda(const at::Tensor& x_next, const at::Tensor& x,
+                                 const at::Tensor& x_prev) {
+  check_trajectory_stats(x_next, x, x_prev);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.numel() == 0) {
+    return at::zeros({x.size(0), kernels::kTrajectoryStatsStats}, x.options().dtype(at::kFloat));
+  }
+  const at::Tensor xn = x_next.contiguous();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor xp = x_prev.contiguous();
+  at::Tensor stats = empty_stats(x, kernels::kTrajectoryStatsStats);
+  const at::Tensor ws = workspace_for(x, kernels::kTrajectoryStatsStats);
+  const cudaError_t err = kernels::trajectory_stats(
+      xn.data_ptr(), xc.data_ptr(), xp.data_ptr(), x.size(0), per_sample(x), dtype_of(x),
+      stats.data_ptr<float>(), data_or_null(ws), nbytes_or_zero(ws),
+      current_stream());
+  check_launch(err, "trajectory_stats");
+  return stats;
+}
+
+at::Tensor rel_l1_cuda(const at::Tensor& a, const at::Tensor& b) {
+  check_rel_l1(a, b);
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (a.numel() == 0) {
+    return at::zeros({a.size(0), kernels::kRelL1Stats}, a.options().dtype(at::kFloat));
+  }
+  const at::Tensor ac = a.contiguous();
+  const at::Tensor bc = b.contiguous();
+  at::Tensor stats = empty_stats(a, kernels::kRelL1Stats);
+  const at::Tensor ws = workspace_for(a, kernels::kRelL1Stats);
+  const cudaError_t err = kernels::rel_l1(ac.data_ptr(), bc.data_ptr(), a.size(0), per_sample(a),
+                                          dtype_of(a), stats.data_ptr<float>(), data_or_null(ws),
+                                          nbytes_or_zero(ws), current_stream());
+  check_launch(err, "rel_l1");
+  return stats;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(omnicache, CUDA, m) {
+  m.impl("apply_residual_", &apply_residual_cuda);
+  m.impl("store_residual_", &store_residual_cuda);
+  m.impl("trajectory_stats", &trajectory_stats_cuda);
+  m.impl("rel_l1", &rel_l1_cuda);
+}
+
+}  // namespace omnicache
