@@ -21,15 +21,15 @@ def expected(hidden, residual, correction, gamma):
     return h, scale
 
 
-def run_case(shape, dtype, seed, *, strided, correction, gamma_mode):
-    hidden = make(shape, dtype, seed=seed)
-    residual = make(shape, dtype, seed=seed + 1, strided=strided)
-    corr = make(shape, dtype, seed=seed + 2, strided=strided) if correction else None
+def run_case(shape, dtype, seed, *, strided, correction, gamma_mode, device="cpu"):
+    hidden = make(shape, dtype, seed=seed, device=device)
+    residual = make(shape, dtype, seed=seed + 1, strided=strided, device=device)
+    corr = make(shape, dtype, seed=seed + 2, strided=strided, device=device) if correction else None
     gamma = None
     if correction and gamma_mode == "scalar":
-        gamma = torch.tensor(0.37)
+        gamma = torch.tensor(0.37, device=device)
     elif correction and gamma_mode == "per_sample":
-        gamma = torch.linspace(-1.5, 2.0, shape[0])
+        gamma = torch.linspace(-1.5, 2.0, shape[0], device=device)
     want, scale = expected(hidden, residual, corr, gamma)
     ops.apply_residual_(hidden, residual, corr, gamma)
     assert hidden.dtype == dtype and hidden.shape == shape

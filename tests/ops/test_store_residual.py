@@ -11,11 +11,11 @@ from opsutil import DTYPES, rows, assert_elementwise, assert_stats, exact, make
 from strategies import dtypes, seeds, shapes
 
 
-def run_case(shape, dtype, seed, *, strided, with_delta):
-    cache = make(shape, dtype, seed=seed)
-    delta = torch.full(shape, 123.0, dtype=dtype) if with_delta else None
-    out = make(shape, dtype, seed=seed + 1, strided=strided)
-    inp = make(shape, dtype, seed=seed + 2, strided=strided)
+def run_case(shape, dtype, seed, *, strided, with_delta, device="cpu"):
+    cache = make(shape, dtype, seed=seed, device=device)
+    delta = torch.full(shape, 123.0, dtype=dtype, device=device) if with_delta else None
+    out = make(shape, dtype, seed=seed + 1, strided=strided, device=device)
+    inp = make(shape, dtype, seed=seed + 2, strided=strided, device=device)
 
     cache64, delta64 = exact(cache), exact(delta)
     stats64 = reference.store_residual_(cache64, delta64, exact(out), exact(inp), acc=torch.float64)

@@ -1,0 +1,113 @@
+"""What the op benchmarks time: each op's fused call, the eager torch composition a
+user would write, and torch.compile of the reference; plus the bytes each must move.
+
+Shared by the pytest-benchmark suite (test_bench_ops.py) and the standalone script
+(bench_ops.py), so both time exactly the same code.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import omnicache.ops as ops
+from omnicache import reference
+
+OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1")
+# Minimum bytes each op must move, in units of N·s (N elements of s bytes).
+TRAFFIC = {"apply_residual_": 4, "store_residual_": 5, "trajectory_stats": 3, "rel_l1": 2}
+
+
+def make_inputs(op: str, batch: int, numel: int, dtype, device, seed: int = 0) -> tuple:
+    """Random inputs for one call of ``op``; ``numel`` elements per tensor."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (batch, numel // batch)
+
+    def rand():
+        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+    if op == "apply_residual_":
+        return rand(), rand(), rand(), torch.rand(batch, generator=g).to(device)
+    if op == "store_residual_":
+        return rand(), torch.empty(shape, device=device, dtype=dtype), rand(), rand()
+    if op == "trajectory_stats":
+        return rand(), rand(), rand()
+    return rand(), rand()
+
+
+# ---------------------------------------------------------------- eager compositions
+def eager_apply_residual_(hidden, residual, correction, gamma):
+    hidden += residual + gamma.view(-1, 1).to(hidden.dtype) * correction
+
+
+def eager_store_residual_(cache, delta, out, inp):
+    new = out - inp
+    torch.sub(new, cache, out=delta)
+    f32 = torch.float32
+    stats = torch.stack([delta.abs().sum(1, dtype=f32), cache.abs().sum(1, dtype=f32),
+                         delta.square().sum(1, dtype=f32), cache.square().sum(1, dtype=f32)], 1)
+    cache.copy_(new)
+    return stats
+
+
+def eager_trajectory_stats(x_next, x, x_prev):
+    v1, v0 = x_next - x, x - x_prev
+    f32 = torch.float32
+    return torch.stack([v1.square().sum(1, dtype=f32), v0.square().sum(1, dtype=f32),
+                        (v1 * v0).sum(1, dtype=f32)], 1)
+
+
+def eager_rel_l1(a, b):
+    f32 = torch.float32
+    return torch.stack([(a - b).abs().sum(1, dtype=f32), b.abs().sum(1, dtype=f32)], 1)
+
+
+EAGER = {
+    "apply_residual_": eager_apply_residual_,
+    "store_residual_": eager_store_residual_,
+    "trajectory_stats": eager_trajectory_stats,
+    "rel_l1": eager_rel_l1,
+}
+
+
+@functools.cache
+def compiled(op: str):
+    """torch.compile of the reference (inductor's best fusion of the same math)."""
+    return torch.compile(getattr(reference, op), fullgraph=True, dynamic=False)
+
+
+def fused(op: str, backend: str):
+    """The op through omnicache.ops on one backend."""
+    fn = getattr(ops, op)
+
+    def call(*args):
+        previous = ops.get_backend()
+        ops.set_backend(backend)
+        try:
+            return fn(*args)
+        finally:
+            ops.set_backend(previous)
+
+    return call
+
+
+def variants(device: torch.device) -> list[str]:
+    """Backends worth timing on ``device``, plus the eager and compile baselines."""
+    if device.type == "cuda":
+        names = [b for b in ("cuda", "triton") if b in ops.available_backends()]
+    else:
+        names = ["cpu"]
+    return names + ["eager", "compile"]
+
+
+def callable_for(op: str, variant: str):
+    if variant == "eager":
+        return EAGER[op]
+    if variant == "compile":
+        return compiled(op)
+    return fused(op, variant)
+
+
+def bytes_moved(op: str, numel: int, dtype) -> int:
+    return TRAFFIC[op] * numel * torch.empty((), dtype=dtype).element_size()

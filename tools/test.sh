@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command: set-up, then every track of DESIGN.md "Testing on machines without a GPU".
+#
+#   bash tools/test.sh
+#
+# 1. the main suite: CPU track (C++ kernels vs reference, opcheck, compile, bad input),
+#    nvcc compile track, runtime tests, and the `cuda` tests (which skip without a GPU);
+# 2. the Triton interpreter track, in its own process (TRITON_INTERPRET=1 must be set
+#    before triton is imported);
+# 3. one call of every benchmark, as a smoke test of the benchmark code.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/bootstrap.sh
+PY=.venv/bin/python
+
+echo "== main suite"
+"$PY" -m pytest -q -p no:cacheprovider tests
+echo "== Triton interpreter track"
+TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/test_triton_interpret.py
+echo "== benchmark smoke run"
+"$PY" -m pytest -q -p no:cacheprovider benchmarks --benchmark-disable
