@@ -11,9 +11,9 @@ from opsutil import DTYPES, rows, assert_stats, exact, make
 from strategies import dtypes, seeds, shapes
 
 
-def run_case(shape, dtype, seed, *, strided):
-    a = make(shape, dtype, seed=seed, strided=strided)
-    b = make(shape, dtype, seed=seed + 1, strided=strided)
+def run_case(shape, dtype, seed, *, strided, device="cpu"):
+    a = make(shape, dtype, seed=seed, strided=strided, device=device)
+    b = make(shape, dtype, seed=seed + 1, strided=strided, device=device)
     want = reference.rel_l1(exact(a), exact(b), acc=torch.float64)
     scale = torch.stack([rows(exact(a).abs() + exact(b).abs()).sum(1),
                          rows(exact(b).abs()).sum(1)], dim=1)

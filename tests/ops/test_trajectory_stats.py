@@ -11,8 +11,8 @@ from opsutil import DTYPES, rows, assert_stats, exact, make
 from strategies import dtypes, seeds, shapes
 
 
-def run_case(shape, dtype, seed, *, strided):
-    xs = [make(shape, dtype, seed=seed + i, strided=strided) for i in range(3)]
+def run_case(shape, dtype, seed, *, strided, device="cpu"):
+    xs = [make(shape, dtype, seed=seed + i, strided=strided, device=device) for i in range(3)]
     want = reference.trajectory_stats(*map(exact, xs), acc=torch.float64)
     v1 = rows(exact(xs[0]) - exact(xs[1]))
     v0 = rows(exact(xs[1]) - exact(xs[2]))
