@@ -30,7 +30,9 @@ def cuda_unavailable_reason() -> str | None:
 def extension():
     sources = ["csrc/ops.cpp", "csrc/checks.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # fp-contract=off: the AVX2 and baseline CPU paths round identically.
-    cxx = ["-O3", "-ffp-contract=off"]
+    # no-trapping-math lets GCC if-convert (and so vectorise) the half conversions;
+    # torch builds with the same two flags. Never -ffast-math: it would reorder sums.
+    cxx = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno"]
     reason = cuda_unavailable_reason()
     if reason is not None:
         print(f"omnicache: building without CUDA kernels ({reason}); CPU and Triton only",

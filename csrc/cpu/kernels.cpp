@@ -1,4 +1,4 @@
-// Compiles kernels_impl.h twice, for the baseline ISA and for AVX2+FMA+F16C, and
+// Compiles kernels_impl.h twice, for the baseline ISA and for AVX2+FMA, and
 // picks the table once from what the CPU supports. The lanes and chunks are the
 // same in both, so the choice changes speed, not the order of the sums.
 #include "kernels.h"
@@ -15,7 +15,7 @@ namespace baseline {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "kernels_impl.h"
 }  // namespace avx2
@@ -27,8 +27,7 @@ const KernelTable& kernels() {
   static const KernelTable table = [] {
 #ifdef OMNICACHE_HAVE_AVX2_TABLE
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       return KernelTable{"avx2", avx2::apply_residual, avx2::store_residual,
                          avx2::trajectory_stats, avx2::rel_l1};
     }

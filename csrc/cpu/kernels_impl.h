@@ -1,21 +1,39 @@
 // Kernel bodies, included twice by kernels.cpp: once for the baseline ISA and once
-// under `#pragma GCC target("avx2,fma,f16c")`. Plain loops over fixed-width lanes
+// under `#pragma GCC target("avx2,fma")`. Plain loops over fixed-width lanes
 // that GCC vectorises at -O3; everything is computed in float32.
 // No include guard and no includes on purpose: see kernels.cpp.
 
-// Storage types: float, _Float16 (IEEE half; F16C converts it in vector registers),
-// and bf16 as raw uint16_t bits.
+// Storage types: float, and half and bf16 as raw bits. The conversions are branch-free
+// bit arithmetic (exact, round-to-nearest-even, subnormals, inf and NaN included) so
+// that GCC vectorises them like the float loops.
+struct F16 {
+  uint16_t bits;
+};
 struct BF16 {
   uint16_t bits;
 };
 
-inline float to_float(float v) { return v; }
-inline float to_float(_Float16 v) { return static_cast<float>(v); }
-inline float to_float(BF16 v) {
-  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(BF16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
+inline float to_float(F16 v) {
+  // Shift exponent and mantissa into place and rebias by 2^112 (= 2^(127-15)): exact
+  // for normals and subnormals; inf/NaN get the all-ones exponent.
+  const uint32_t h = v.bits;
+  const uint32_t shifted = (h & 0x7FFFu) << 13;
+  const float finite = bits_to_float(shifted) * 0x1p112f;
+  const uint32_t magnitude = (h & 0x7C00u) == 0x7C00u ? (shifted | 0x7F800000u) : float_to_bits(finite);
+  return bits_to_float(magnitude | ((h & 0x8000u) << 16));
 }
 
 template <class T>
@@ -23,14 +41,25 @@ inline T from_float(float f);
 template <>
 inline float from_float<float>(float f) { return f; }
 template <>
-inline _Float16 from_float<_Float16>(float f) { return static_cast<_Float16>(f); }
-template <>
 inline BF16 from_float<BF16>(float f) {
   // Round to nearest even, quiet NaN for NaN (as c10::BFloat16).
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return BF16{static_cast<uint16_t>(f != f ? 0x7FC0u : rounded)};
+}
+template <>
+inline F16 from_float<F16>(float f) {
+  // Round to nearest even (F. Giesen's float_to_half_fast3_rtne, all paths selected).
+  const uint32_t all = float_to_bits(f);
+  const uint32_t sign = (all >> 16) & 0x8000u;
+  const uint32_t u = all & 0x7FFFFFFFu;
+  const uint32_t overflow = u > 0x7F800000u ? 0x7E00u : 0x7C00u;          // NaN : inf
+  constexpr uint32_t kDenormMagic = ((127 - 15) + (23 - 10) + 1) << 23;  // 0.5f * 2^-13
+  const uint32_t subnormal =
+      float_to_bits(bits_to_float(u) + bits_to_float(kDenormMagic)) - kDenormMagic;
+  const uint32_t normal = (u + (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu + ((u >> 13) & 1u)) >> 13;
+  const uint32_t magnitude = u >= (143u << 23) ? overflow : (u < (113u << 23) ? subnormal : normal);
+  return F16{static_cast<uint16_t>(magnitude | sign)};
 }
 
 constexpr int kLanes = 16;
@@ -145,7 +174,7 @@ void rel_l1_t(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) 
   void name(const Args& a, int64_t begin, int64_t end __VA_OPT__(, ) __VA_ARGS__) { \
     switch (a.dtype) {                                                        \
       case DType::F32: return name##_t<float>(a, begin, end __VA_OPT__(, partials)); \
-      case DType::F16: return name##_t<_Float16>(a, begin, end __VA_OPT__(, partials)); \
+      case DType::F16: return name##_t<F16>(a, begin, end __VA_OPT__(, partials)); \
       case DType::BF16: return name##_t<BF16>(a, begin, end __VA_OPT__(, partials)); \
     }                                                                         \
   }
