@@ -33,7 +33,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import omnicache.
     echo "omnicache: build failed; full log in .venv/build.log" >&2
     exit 1
   fi
-  grep -h "^omnicache:" .venv/build.log || true
+  grep -h -m1 "omnicache: building without" .venv/build.log | sed "s/^ *//" || true
   echo "$want" > "$stamp"
 fi
 "$PY" -c "import omnicache.ops as o, torch; print('omnicache: ready; torch', torch.__version__, '| backends:', ', '.join(o.available_backends()))"
