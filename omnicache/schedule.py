@@ -1,0 +1,560 @@
+"""OmniCache's trajectory-oriented schedule: the math, with no model and no executor.
+
+Calibration records one uncached sampling run; these functions turn it into a plan:
+
+1. :func:`curvature` (or :func:`curvature_pca3`): how sharply the sampling trajectory
+   turns at each step, from ``omnicache.ops.trajectory_stats``;
+2. :func:`budget_for_compute_fraction` and :func:`plan_reuse_steps`: the exact dynamic
+   programme that places a fixed number of reuse steps where the cost (curvature, or a
+   measured reuse error) is lowest, under warmup / tail / run-length constraints;
+3. :func:`fit_gamma` / :func:`fit_gammas`: the least-squares γ of the cache-noise
+   correction ``hidden += R_j + γ_t (R_j - R_prev)`` at each reuse step;
+4. :func:`reuse_error`: how far the reuse estimate is from the true residual;
+5. :func:`filter_delta`: optional stage-aware FFT filtering of the drift ``R_j - R_prev``
+   over the token grid (low-pass early, high-pass late).
+
+Indexing used throughout: a run of ``N`` steps has latents ``x[0..N]`` (``x[0]`` the
+initial noise, ``x[N]`` the clean sample; the paper writes them ``x_N … x_0``) and
+step ``i`` (``0 <= i < N``) maps ``x[i]`` to ``x[i+1]`` with residual ``R_i``. A
+*compute schedule* is a list of ``N`` bools, ``True`` where the step is computed.
+
+Everything here runs at calibration time: host synchronisation is fine.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = [
+    "curvature",
+    "curvature_pca3",
+    "plan_reuse_steps",
+    "max_reuse_steps",
+    "budget_for_compute_fraction",
+    "compute_schedule",
+    "fit_gamma",
+    "fit_gammas",
+    "reuse_error",
+    "filter_delta",
+]
+
+EPS = 1e-12
+
+
+# ------------------------------------------------------------------- curvature
+def _points(latents: Sequence[Tensor] | Tensor, name: str = "latents") -> list[Tensor]:
+    if isinstance(latents, Tensor):
+        if latents.dim() < 2:
+            raise ValueError(f"{name} as one tensor must be [steps + 1, B, ...], got shape {list(latents.shape)}")
+        latents = latents.unbind(0)
+    points = list(latents)
+    if len(points) < 3:
+        raise ValueError(f"{name} needs at least 3 points (2 steps) to define a turning angle, got {len(points)}")
+    return points
+
+
+def _cos_from_stats(stats: Tensor, eps: float) -> Tensor:
+    """cos of the angle between v1 and v0 from ``[B, 3]`` stats (float64, clamped to [-1, 1])."""
+    s = stats.double()
+    denom = (s[:, 0] * s[:, 1]).sqrt()
+    # A zero-length displacement has no direction: cos = 0 there (κ = 1), never NaN.
+    return torch.where(denom > eps, s[:, 2] / denom.clamp_min(eps), torch.zeros_like(denom)).clamp(-1.0, 1.0)
+
+
+def _step_curvature(points: list[Tensor], per_sample: bool, eps: float) -> Tensor:
+    """κ at every interior point, mapped to steps (see :func:`curvature`)."""
+    kappa_points = []  # interior points 1 .. N-1, each [B]
+    for k in range(1, len(points) - 1):
+        stats = ops.trajectory_stats(points[k + 1], points[k], points[k - 1])
+        kappa_points.append(1.0 - _cos_from_stats(stats, eps))
+    kappa = torch.stack(kappa_points, dim=1)  # [B, N-1]: column c is point c + 1
+    kappa = torch.cat([kappa[:, :1], kappa], dim=1)  # [B, N]: step i -> point max(i, 1)
+    kappa = kappa.float()
+    return kappa if per_sample else kappa.mean(0)
+
+
+def curvature(latents: Sequence[Tensor] | Tensor, *, per_sample: bool = False, eps: float = EPS) -> Tensor:
+    """Turning of the sampling trajectory at each step.
+
+    For latents ``x[0..N]`` (``x[0]`` the noise; step ``i`` maps ``x[i]`` to ``x[i+1]``)
+    the curvature at an interior point ``k`` (``1 <= k <= N-1``) is, per sample,
+
+    .. math::
+
+        κ_k = 1 - \\frac{⟨v_1, v_0⟩}{‖v_1‖ ‖v_0‖},\\quad v_1 = x[k+1] - x[k],\\ v_0 = x[k] - x[k-1]
+
+    (0 on a straight line, 1 at a right angle, 2 for a reversal), from
+    ``ops.trajectory_stats(x[k+1], x[k], x[k-1])``. A zero-length displacement has no
+    direction: its cos is taken as 0 (κ = 1), never NaN.
+
+    Step ``i`` gets the turn *entering* it, ``κ_step[i] = κ_{max(i, 1)}``: the angle
+    between step ``i``'s displacement and step ``i-1``'s, which is what reusing step
+    ``i-1``'s output at step ``i`` ignores. Step 0 has no previous step and takes the
+    nearest defined value, ``κ_1``.
+
+    Parameters
+    ----------
+    latents
+        ``N + 1 >= 3`` tensors ``[B, ...]`` (float32/float16/bfloat16), or one tensor
+        ``[N + 1, B, ...]``.
+    per_sample
+        Return ``[B, N]`` instead of the batch mean ``[N]``.
+    eps
+        Product ``‖v_1‖²‖v_0‖²`` at or below which a displacement counts as zero.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[N]`` (mean over the batch of the per-sample κ), or ``[B, N]``.
+    """
+    return _step_curvature(_points(latents), per_sample, eps)
+
+
+def curvature_pca3(latents: Sequence[Tensor] | Tensor, *, components: int = 3, per_sample: bool = False,
+                   eps: float = EPS) -> Tensor:
+    """:func:`curvature` measured on the trajectory projected to its top principal components.
+
+    Per sample ``b``, the flattened points form ``X_b`` (``[N + 1, D]``). They are
+    centred over time, ``X_c = X_b - mean_k X_b[k]``, and replaced by their scores on
+    the top ``components`` principal directions, ``P = U[:, :c] · diag(S[:c])`` from the
+    deterministic SVD ``X_c = U S V^T`` (float64, ``torch.linalg.svd``; sign flips of the
+    singular vectors are reflections and leave angles unchanged). κ is then computed
+    from ``P`` exactly as in :func:`curvature`. A trajectory that lies in an affine
+    subspace of dimension ``<= components`` keeps its exact geometry, so its curvature
+    is unchanged; otherwise the projection keeps the dominant, smooth turns and drops
+    the small high-dimensional wiggle.
+
+    Parameters
+    ----------
+    latents
+        As in :func:`curvature`.
+    components
+        Number of principal components kept (default 3), ``>= 1``.
+    per_sample, eps
+        As in :func:`curvature`.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[N]`` or ``[B, N]``.
+    """
+    if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+        raise ValueError(f"components must be an int >= 1, got {components!r}")
+    points = _points(latents)
+    traj = torch.stack([p.reshape(p.shape[0], -1) for p in points], dim=1).double()  # [B, N+1, D]
+    traj = traj - traj.mean(dim=1, keepdim=True)
+    u, s, _ = torch.linalg.svd(traj, full_matrices=False)  # u: [B, N+1, r], s: [B, r]
+    c = min(components, s.shape[1])
+    proj = (u[:, :, :c] * s[:, None, :c]).float()  # [B, N+1, c]
+    return _step_curvature(list(proj.unbind(1)), per_sample, eps)
+
+
+# -------------------------------------------------------------------- schedule
+def _check_int(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    return value
+
+
+def max_reuse_steps(steps: int, *, warmup: int, tail: int, max_consecutive: int) -> int:
+    """Most reuse steps the constraints allow: ``L - ⌊L / (M + 1)⌋`` for a window of
+    ``L = steps - warmup - tail`` steps (runs of ``M = max_consecutive`` reuse steps,
+    each followed by one computed step)."""
+    window = max(steps - warmup - tail, 0)
+    return window - window // (max_consecutive + 1)
+
+
+def _exact_costs(cost: Sequence[float] | Tensor) -> list[int]:
+    """The costs as integers on one common power-of-two scale (exact, order preserving)."""
+    if isinstance(cost, Tensor):
+        if cost.dim() != 1:
+            raise ValueError(f"cost must be 1-D, got shape {list(cost.shape)}")
+        cost = cost.tolist()
+    values = []
+    for i, c in enumerate(cost):
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
+            raise ValueError(f"cost[{i}] must be a finite number, got {c!r}")
+        values.append(float(c).as_integer_ratio())  # denominators are powers of two
+    scale = max((d for _, d in values), default=1)
+    return [n * (scale // d) for n, d in values]
+
+
+def plan_reuse_steps(cost: Sequence[float] | Tensor, budget: int, *, warmup: int, tail: int,
+                     max_consecutive: int) -> list[int]:
+    """The ``budget`` reuse steps of least total cost: an exact dynamic programme.
+
+    Chooses a set ``S`` of exactly ``budget`` steps in the window
+    ``warmup <= t <= steps - tail - 1`` (``steps = len(cost)``) minimising
+
+    .. math::  \\sum_{t \\in S} cost[t]
+
+    such that no more than ``max_consecutive`` steps of ``S`` are consecutive. Every
+    step outside ``S`` is computed; ``warmup >= 1`` keeps step 0 computed, so each reuse
+    step has a computed step before it.
+
+    Formulation (over window positions ``p = 0 .. L-1``, ``L`` the window length):
+    state ``(p, k, r)``: ``k`` reuse steps still to place in ``p .. L-1`` and ``r`` the
+    length of the run of reuse steps just before ``p``. Value
+    ``g(p, k, r) = min(g(p+1, k, 0),  cost[p] + g(p+1, k-1, r+1) if r < M and k > 0)``
+    with ``g(L, 0, r) = 0`` and ``g(L, k > 0, r) = ∞``; the answer is ``g(0, budget, 0)``.
+    Time ``O(L · budget · M)``. Costs are summed exactly (each float is a dyadic
+    rational, scaled to integers), so the optimum and its ties do not depend on
+    summation order.
+
+    Tie-break: among optimal sets the lexicographically smallest sorted list is
+    returned, i.e. earlier steps are preferred (walking forward, a step is reused
+    whenever reusing it is still optimal).
+
+    Parameters
+    ----------
+    cost
+        Per-step cost (finite numbers; e.g. :func:`curvature`, or a reuse error).
+    budget
+        Number of reuse steps, ``>= 0``.
+    warmup
+        First steps always computed, ``>= 1``.
+    tail
+        Last steps always computed, ``>= 0``; ``warmup + tail <= steps``.
+    max_consecutive
+        Most reuse steps in a row, ``>= 1``.
+
+    Returns
+    -------
+    list[int]
+        The reuse steps, ascending.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument: a bad value, or a ``budget`` above
+        :func:`max_reuse_steps`.
+    """
+    c = _exact_costs(cost)
+    steps = len(c)
+    if steps < 1:
+        raise ValueError("cost must hold at least one step, got 0")
+    _check_int("budget", budget, 0)
+    _check_int("warmup", warmup, 1)
+    _check_int("tail", tail, 0)
+    _check_int("max_consecutive", max_consecutive, 1)
+    if warmup + tail > steps:
+        raise ValueError(f"warmup + tail must be <= steps = {steps}, got warmup={warmup}, tail={tail}")
+    most = max_reuse_steps(steps, warmup=warmup, tail=tail, max_consecutive=max_consecutive)
+    if budget > most:
+        raise ValueError(f"budget={budget} is infeasible: at most {most} reuse steps fit in steps={steps} "
+                         f"with warmup={warmup}, tail={tail}, max_consecutive={max_consecutive}")
+    if budget == 0:
+        return []
+
+    window = [c[t] for t in range(warmup, steps - tail)]
+    length, m = len(window), max_consecutive
+    # g[p][k][r]; None is +inf. Only k <= budget is needed.
+    nxt = [[0 if k == 0 else None for _ in range(m + 1)] for k in range(budget + 1)]
+    table = [nxt]
+    for p in range(length - 1, -1, -1):
+        cur = [[None] * (m + 1) for _ in range(budget + 1)]
+        for k in range(budget + 1):
+            for r in range(m + 1):
+                best = nxt[k][0]
+                if r < m and k > 0 and nxt[k - 1][r + 1] is not None:
+                    alt = window[p] + nxt[k - 1][r + 1]
+                    if best is None or alt < best:
+                        best = alt
+                cur[k][r] = best
+        table.append(cur)
+        nxt = cur
+    table.reverse()  # table[p] = g(p, ., .)
+
+    chosen, k, r = [], budget, 0
+    for p in range(length):
+        after = table[p + 1]
+        if r < m and k > 0 and after[k - 1][r + 1] is not None \
+                and window[p] + after[k - 1][r + 1] == table[p][k][r]:
+            chosen.append(warmup + p)
+            k, r = k - 1, r + 1
+        else:
+            r = 0
+    assert k == 0, "plan_reuse_steps: reconstruction did not place the budget"
+    return chosen
+
+
+def budget_for_compute_fraction(steps: int, fraction: float) -> int:
+    """Number of reuse steps for a requested compute fraction.
+
+    The computed steps are ``n_c = max(1, ⌈fraction · steps - 1e-9⌉)`` and the budget is
+    ``steps - n_c``: the realised fraction ``n_c / steps`` is the smallest attainable one
+    that is ``>= fraction`` (the ``1e-9`` absorbs float error, e.g. ``0.3 · 10``), and
+    at least one step is computed. ``fraction = 1`` gives 0.
+
+    Raises ``ValueError`` for ``steps < 1`` or ``fraction`` outside ``(0, 1]``.
+    """
+    _check_int("steps", steps, 1)
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    computed = max(1, math.ceil(fraction * steps - 1e-9))
+    return steps - computed
+
+
+def compute_schedule(steps: int, reuse_steps: Sequence[int]) -> list[bool]:
+    """The compute schedule (``True`` = computed) with the given steps reused."""
+    _check_int("steps", steps, 1)
+    out = [True] * steps
+    for t in reuse_steps:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < steps:
+            raise ValueError(f"reuse_steps holds {t!r}, not a step in [0, {steps})")
+        out[t] = False
+    return out
+
+
+# ---------------------------------------------------------------------- gamma
+def fit_gamma(r_true: Tensor, r_j: Tensor, r_prev: Tensor, *, per_sample: bool = False,
+              eps: float = EPS) -> Tensor:
+    """Least-squares γ of the cache-noise correction ``R_true - R_j ≈ γ (R_j - R_prev)``.
+
+    With ``[‖v_1‖², ‖v_0‖², ⟨v_1, v_0⟩] = ops.trajectory_stats(R_true, R_j, R_prev)``
+    (``v_1 = R_true - R_j``, ``v_0 = R_j - R_prev``):
+
+    .. math::  γ = \\frac{\\sum_b ⟨v_1, v_0⟩_b}{\\sum_b ‖v_0‖_b^2}
+
+    pooled over the batch (one γ for every sample), or per sample with
+    ``per_sample=True``. Where the denominator is ``<= eps`` (no drift) γ is 0.
+
+    Parameters
+    ----------
+    r_true, r_j, r_prev
+        ``[B, ...]`` float32/float16/bfloat16, same shape and device.
+
+    Returns
+    -------
+    Tensor
+        float32, shape ``[]`` (pooled) or ``[B]``, on the inputs' device: the ``gamma``
+        argument of ``ops.apply_residual_``.
+    """
+    stats = ops.trajectory_stats(r_true, r_j, r_prev).double()
+    dot, n0 = stats[:, 2], stats[:, 1]
+    if not per_sample:
+        dot, n0 = dot.sum(), n0.sum()
+    return torch.where(n0 > eps, dot / n0.clamp_min(eps), torch.zeros_like(n0)).float()
+
+
+def _residual_list(residuals: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    if isinstance(residuals, Tensor):
+        if residuals.dim() < 2:
+            raise ValueError(f"residuals as one tensor must be [steps, B, ...], got shape {list(residuals.shape)}")
+        residuals = residuals.unbind(0)
+    out = list(residuals)
+    if not out:
+        raise ValueError("residuals must hold at least one step")
+    return out
+
+
+def _compute_list(compute: Sequence[bool] | Tensor, steps: int) -> list[bool]:
+    if isinstance(compute, Tensor):
+        compute = compute.tolist()
+    compute = list(compute)
+    if len(compute) != steps:
+        raise ValueError(f"compute must have one entry per step ({steps}), got {len(compute)}")
+    for i, v in enumerate(compute):
+        if not isinstance(v, bool):
+            raise ValueError(f"compute[{i}] must be a bool, got {v!r}")
+    if not compute[0]:
+        raise ValueError("compute[0] must be True: a reuse step needs a computed step before it")
+    return compute
+
+
+def _sources(compute: list[bool]) -> list[tuple[int, int | None] | None]:
+    """Per step: None if computed, else ``(j, p)``: the last computed step ``j < t`` and
+    the computed step ``p < j`` before it (None if there is none)."""
+    out, last, before = [], None, None
+    for c in compute:
+        if c:
+            out.append(None)
+            last, before = len(out) - 1, last
+        else:
+            out.append((last, before))
+    return out
+
+
+def fit_gammas(residuals: Sequence[Tensor] | Tensor, compute: Sequence[bool] | Tensor, *,
+               per_sample: bool = False, eps: float = EPS) -> Tensor:
+    """Per-step γ of the correction, fitted on an uncached calibration run.
+
+    For each reuse step ``t`` with ``j`` the last computed step before ``t`` and ``p``
+    the computed step before ``j``, the executor applies
+    ``hidden += R_j + γ_t (R_j - R_p)``, so
+
+    .. math::  γ_t = \\arg\\min_γ ‖R_t - R_j - γ (R_j - R_p)‖^2 = \\text{fit\\_gamma}(R_t, R_j, R_p).
+
+    ``γ_t = 0`` at computed steps and where there is no ``p`` (only one computed step
+    before ``t``). For residuals that drift linearly in the step index,
+    ``γ_t = (t - j) / (j - p)``.
+
+    Parameters
+    ----------
+    residuals
+        ``R_0 … R_{N-1}``: ``N`` tensors ``[B, ...]``, or one ``[N, B, ...]``.
+    compute
+        ``N`` bools (``True`` = computed); ``compute[0]`` must be True.
+    per_sample, eps
+        As in :func:`fit_gamma`.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[N]`` (or ``[N, B]``) on the residuals' device.
+    """
+    res = _residual_list(residuals)
+    comp = _compute_list(compute, len(res))
+    batch = res[0].shape[0]
+    zero = torch.zeros((batch,) if per_sample else (), dtype=torch.float32, device=res[0].device)
+    out = []
+    for t, src in enumerate(_sources(comp)):
+        if src is None or src[1] is None:
+            out.append(zero)
+        else:
+            j, p = src
+            out.append(fit_gamma(res[t], res[j], res[p], per_sample=per_sample, eps=eps))
+    return torch.stack(out)
+
+
+def reuse_error(residuals: Sequence[Tensor] | Tensor, compute: Sequence[bool] | Tensor,
+                gammas: Tensor | Sequence[float] | None = None, *, per_sample: bool = False,
+                eps: float = EPS) -> Tensor:
+    """Relative L2 error of the reuse estimate at each step.
+
+    At a reuse step ``t`` (``j``, ``p`` as in :func:`fit_gammas`) the estimate is
+    ``R̂_t = R_j + γ_t (R_j - R_p)`` (just ``R_j`` without ``gammas`` or without ``p``)
+    and the error is
+
+    .. math::  e_t = \\frac{‖R_t - R̂_t‖}{\\max(‖R_t‖, eps)}
+
+    with norms over the whole batch (or per sample), computed in float64; ``e_t = 0``
+    at computed steps.
+
+    Parameters
+    ----------
+    residuals, compute
+        As in :func:`fit_gammas`.
+    gammas
+        ``[N]`` or ``[N, B]`` (per sample) per-step γ, e.g. from :func:`fit_gammas`.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[N]`` (or ``[N, B]``) on the residuals' device.
+    """
+    res = _residual_list(residuals)
+    comp = _compute_list(compute, len(res))
+    batch, device = res[0].shape[0], res[0].device
+    if gammas is not None:
+        gammas = torch.as_tensor(gammas, dtype=torch.float64, device=device)
+        if gammas.dim() == 0 or gammas.shape[0] != len(res):
+            raise ValueError(f"gammas must have one entry per step ({len(res)}), got shape {list(gammas.shape)}")
+    out = []
+    for t, src in enumerate(_sources(comp)):
+        if src is None:
+            out.append(torch.zeros(batch if per_sample else (), dtype=torch.float64, device=device))
+            continue
+        j, p = src
+        r_t = res[t].double().reshape(batch, -1)
+        est = res[j].double().reshape(batch, -1)
+        if gammas is not None and p is not None:
+            g = gammas[t].reshape(-1, 1) if gammas.dim() > 1 else gammas[t]
+            est = est + g * (est - res[p].double().reshape(batch, -1))
+        num, den = (r_t - est).square().sum(1), r_t.square().sum(1)
+        if not per_sample:
+            num, den = num.sum(), den.sum()
+        out.append(num.sqrt() / den.sqrt().clamp_min(eps))
+    return torch.stack(out).float()
+
+
+# ------------------------------------------------------------------ filtering
+def _stage_mask(grid: tuple[int, int], progress: float, low_cutoff: float, high_cutoff: float,
+                split: float, device) -> Tensor:
+    """Bool keep-mask on the ``rfft2`` grid ``[H, W // 2 + 1]`` (see :func:`filter_delta`)."""
+    h, w = grid
+    fy = torch.fft.fftfreq(h, device=device, dtype=torch.float64).abs()
+    fx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64).abs()
+    rho = 2.0 * torch.maximum(fy[:, None], fx[None, :])  # Chebyshev radius, Nyquist = 1
+    if progress < split:
+        cut = low_cutoff + (1.0 - low_cutoff) * progress / split
+        return rho <= cut + 1e-12
+    cut = high_cutoff * (progress - split) / (1.0 - split)
+    return rho >= cut - 1e-12 if cut > 0 else torch.ones_like(rho, dtype=torch.bool)
+
+
+def filter_delta(delta: Tensor, grid: tuple[int, int], progress: float, *, enabled: bool = True,
+                 low_cutoff: float = 0.25, high_cutoff: float = 0.25, split: float = 0.5) -> Tensor:
+    """Stage-aware filtering of the drift ``delta = R_j - R_prev`` over the token grid.
+
+    Tokens are laid out row-major on an ``H × W`` grid (token ``h·W + w``). Each channel
+    is transformed with ``torch.fft.rfft2`` over ``(H, W)``, multiplied by a 0/1 mask on
+    the normalised Chebyshev frequency radius
+    ``ρ = 2 · max(|f_y|, |f_x|)`` (``f`` in cycles per token, so ``ρ = 0`` is the
+    constant and ``ρ = 1`` the Nyquist frequency), and transformed back:
+
+    - early, ``progress < split``: **low-pass**, keep ``ρ <= c_lo``,
+      ``c_lo = low_cutoff + (1 - low_cutoff) · progress / split`` (opens to all-pass at
+      ``split``);
+    - late, ``progress >= split``: **high-pass**, keep ``ρ >= c_hi``,
+      ``c_hi = high_cutoff · (progress - split) / (1 - split)`` (all-pass at ``split``,
+      ``ρ < high_cutoff`` removed at ``progress = 1``; any ``c_hi > 0`` removes the
+      constant).
+
+    The mask is 0/1 and symmetric under ``f → -f``, so the output is real and its
+    energy never exceeds the input's (Parseval). Computed in float32, returned in
+    ``delta``'s dtype. ``progress`` is the sampling progress of the full step that
+    produced ``delta``, e.g. ``j / (steps - 1)``.
+
+    Parameters
+    ----------
+    delta
+        ``[B, T, D]`` with ``T = H · W``.
+    grid
+        ``(H, W)``.
+    progress
+        In ``[0, 1]``: 0 the first step, 1 the last.
+    enabled
+        ``False`` returns ``delta`` itself, unchanged.
+    low_cutoff, high_cutoff
+        In ``[0, 1]``.
+    split
+        In ``(0, 1)``: where filtering switches from low-pass to high-pass.
+
+    Returns
+    -------
+    Tensor
+        A new tensor, same shape, dtype and device as ``delta`` (or ``delta`` when
+        disabled).
+    """
+    if not enabled:
+        return delta
+    if delta.dim() != 3:
+        raise ValueError(f"delta must be [B, T, D], got shape {list(delta.shape)}")
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)):
+        raise ValueError(f"grid must be (H, W) with positive ints, got {grid!r}")
+    h, w = grid
+    if h * w != delta.shape[1]:
+        raise ValueError(f"grid {tuple(grid)} has {h * w} tokens but delta has T = {delta.shape[1]}")
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1], got {progress!r}")
+    for name, v in (("low_cutoff", low_cutoff), ("high_cutoff", high_cutoff)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+    if not 0.0 < split < 1.0:
+        raise ValueError(f"split must be in (0, 1), got {split!r}")
+    mask = _stage_mask((h, w), float(progress), low_cutoff, high_cutoff, split, delta.device)
+    b, _, d = delta.shape
+    x = delta.float().reshape(b, h, w, d)
+    spec = torch.fft.rfft2(x, dim=(1, 2))  # [B, H, W//2+1, D]
+    spec = spec * mask[None, :, :, None]
+    y = torch.fft.irfft2(spec, s=(h, w), dim=(1, 2))
+    return y.reshape(delta.shape).to(delta.dtype)
