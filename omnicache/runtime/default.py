@@ -1,0 +1,155 @@
+"""The embedded default model: a class-conditional DiT trained on scikit-learn's digits
+(8x8, 1 channel, values in [-1, 1], 10 classes) and a digit classifier for the
+class-accuracy metric. Both ship as safetensors in ``omnicache/data/`` with
+``default_model.json`` (config, training record); ``omnicache.train_default`` makes them.
+
+Every file is validated on load; a malformed one raises ``ValueError`` naming the field
+or tensor.
+"""
+
+import dataclasses
+import importlib.resources
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load as load_safetensors_bytes
+
+from .model import DiT, DiTConfig
+
+__all__ = ["DigitClassifier", "default_info", "load_default", "load_classifier", "DEFAULT_JSON"]
+
+DEFAULT_JSON = "default_model.json"
+FORMAT_VERSION = 1
+
+
+class DigitClassifier(nn.Module):
+    """A compact CNN for (B, 1, 8, 8) digits in [-1, 1] -> (B, num_classes) logits."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),  # (B, w, 8, 8)
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 2w, 4, 4)
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 4w, 2, 2)
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(16 * width, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _source(data_dir, name):
+    if data_dir is None:
+        return importlib.resources.files("omnicache").joinpath("data", name)
+    return Path(data_dir) / name
+
+
+def _field(obj, path, kind, where):
+    """obj[path...] checked to be of type ``kind``; errors name the dotted field."""
+    cur = obj
+    for i, key in enumerate(path):
+        if not isinstance(cur, dict) or key not in cur:
+            raise ValueError(f"{where}: missing field '{'.'.join(path[: i + 1])}'")
+        cur = cur[key]
+    if kind is float:
+        ok = isinstance(cur, (int, float)) and not isinstance(cur, bool) and math.isfinite(cur)
+    else:
+        ok = isinstance(cur, kind) and not isinstance(cur, bool)
+    if not ok:
+        raise ValueError(f"{where}: field '{'.'.join(path)}' must be {kind.__name__}, got {cur!r}")
+    return cur
+
+
+def _file_name(info, path, where):
+    name = _field(info, path, str, where)
+    if not name or Path(name).name != name:
+        raise ValueError(f"{where}: field '{'.'.join(path)}' must be a plain file name, got {name!r}")
+    return name
+
+
+def default_info(data_dir=None) -> dict:
+    """The validated ``default_model.json`` (from the package, or ``data_dir``)."""
+    where = DEFAULT_JSON
+    try:
+        info = json.loads(_source(data_dir, DEFAULT_JSON).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: top level must be an object")
+    version = _field(info, ["format_version"], int, where)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{where}: field 'format_version' must be {FORMAT_VERSION}, got {version}")
+    _file_name(info, ["dit", "weights"], where)
+    _file_name(info, ["classifier", "weights"], where)
+    _field(info, ["classifier", "num_classes"], int, where)
+    _field(info, ["classifier", "width"], int, where)
+    _field(info, ["default_guidance"], float, where)
+    _field(info, ["default_steps"], int, where)
+    dit_config(info, where)
+    return info
+
+
+def dit_config(info, where=DEFAULT_JSON) -> DiTConfig:
+    cfg = _field(info, ["dit", "config"], dict, where)
+    names = [f.name for f in dataclasses.fields(DiTConfig)]
+    for key in cfg:
+        if key not in names:
+            raise ValueError(f"{where}: unknown field 'dit.config.{key}'")
+    for key in names:
+        if key not in cfg:
+            raise ValueError(f"{where}: missing field 'dit.config.{key}'")
+    try:
+        return DiTConfig(**cfg)
+    except ValueError as e:
+        raise ValueError(f"{where}: field 'dit.config': {e}") from None
+
+
+def _load_state(module, source, device, dtype):
+    """Loads a safetensors file into ``module`` after checking names, shapes and dtypes."""
+    where = getattr(source, "name", str(source))
+    raw = source.read_bytes()  # a missing file raises FileNotFoundError with its path
+    try:
+        tensors = load_safetensors_bytes(raw)
+    except Exception as e:  # safetensors raises its own error type for malformed headers
+        raise ValueError(f"{where}: not a valid safetensors file ({e})") from None
+    expected = module.state_dict()
+    for key in expected:
+        if key not in tensors:
+            raise ValueError(f"{where}: missing tensor '{key}'")
+    for key, value in tensors.items():
+        if key not in expected:
+            raise ValueError(f"{where}: unexpected tensor '{key}'")
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{where}: tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
+        if not value.is_floating_point():
+            raise ValueError(f"{where}: tensor '{key}' must be floating point, got {value.dtype}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{where}: tensor '{key}' has non-finite values")
+    module.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return module.to(device=device, dtype=dtype).eval()
+
+
+def load_default(device="cpu", dtype=torch.float32, data_dir=None) -> DiT:
+    """The embedded default DiT (eval mode) on ``device`` in ``dtype``.
+
+    ``model.default_guidance`` is the guidance scale it was tuned for; ``generate`` uses
+    it when no ``guidance`` is given."""
+    info = default_info(data_dir)
+    model = _load_state(DiT(dit_config(info)), _source(data_dir, info["dit"]["weights"]), device, dtype)
+    model.default_guidance = float(info["default_guidance"])
+    return model
+
+
+def load_classifier(device="cpu", dtype=torch.float32, data_dir=None) -> DigitClassifier:
+    """The embedded digit classifier (eval mode): (B, 1, 8, 8) in [-1, 1] -> logits."""
+    info = default_info(data_dir)
+    cls = info["classifier"]
+    model = DigitClassifier(num_classes=cls["num_classes"], width=cls["width"])
+    return _load_state(model, _source(data_dir, cls["weights"]), device, dtype)

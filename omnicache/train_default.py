@@ -1,0 +1,256 @@
+"""Trains the embedded default model on scikit-learn's digits and writes it as package data.
+
+Two models, both on the same fixed train split (the held-out split is never trained on):
+
+1. a class-conditional DiT (rectified flow: ``x_t = (1 - t) x0 + t eps``, target
+   ``v = eps - x0``, logit-normal ``t``, class dropout for classifier-free guidance,
+   AdamW with warmup and cosine decay, EMA weights saved);
+2. a compact CNN digit classifier, for the class-accuracy metric.
+
+Writes ``default_dit.safetensors`` (EMA, float16), ``digit_classifier.safetensors`` and
+``default_model.json`` to ``--out-dir`` and prints the classifier's held-out accuracy and
+the class accuracy of guided uncached samples for both samplers.
+
+    python -m omnicache.train_default --steps 1200 --threads 1 --out-dir omnicache/data
+
+Deterministic given the seed and the number of CPU threads.
+"""
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import shlex
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .metrics import class_accuracy
+from .runtime.default import DEFAULT_JSON, FORMAT_VERSION, DigitClassifier, load_classifier, load_default
+from .runtime.model import DiT, DiTConfig
+from .runtime.samplers import sample
+
+SPLIT_SEED = 0  # the train/held-out split never changes with --seed
+HELDOUT_FRACTION = 0.2
+
+
+def digits_split():
+    """(x_train, y_train, x_heldout, y_heldout): (N, 1, 8, 8) float32 in [-1, 1], (N,) long."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+    y = torch.tensor(data.target, dtype=torch.long)
+    idx_train, idx_held = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=HELDOUT_FRACTION, random_state=SPLIT_SEED, stratify=data.target
+    )
+    idx_train, idx_held = torch.from_numpy(idx_train), torch.from_numpy(idx_held)
+    return x[idx_train], y[idx_train], x[idx_held], y[idx_held]
+
+
+def random_shift(x, generator, max_shift=1, prob=1.0):
+    """Shifts each image by up to ``max_shift`` pixels (background -1 fills in)."""
+    B, _, H, W = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    dy = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator)
+    keep = torch.rand(B, generator=generator) >= prob
+    dy[keep], dx[keep] = max_shift, max_shift
+    rows = (dy[:, None] + torch.arange(H)[None])[:, None, :, None].expand(B, 1, H, W + 2 * max_shift)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(W)[None])[:, None, None, :].expand(B, 1, H, W)
+    return out.gather(3, cols)
+
+
+def lr_at(step, steps, lr, warmup):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train_dit(config, x, y, args, generator, device):
+    model = DiT(config).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    model.train()
+    losses = []
+    bar = tqdm(range(args.steps), desc="dit", mininterval=2.0)
+    for step in bar:
+        idx = torch.randint(0, len(y), (args.batch_size,), generator=generator)
+        x0, labels = x[idx], y[idx]
+        if args.shift_prob > 0:
+            x0 = random_shift(x0, generator, prob=args.shift_prob)
+        eps = torch.randn(x0.shape, generator=generator)
+        t = torch.sigmoid(torch.randn(len(idx), generator=generator))  # logit-normal(0, 1)
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+        x0, labels, eps, t, xt = (v.to(device) for v in (x0, labels, eps, t, xt))
+        loss = F.mse_loss(model(xt, t, labels), eps - x0)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    return ema, losses
+
+
+def train_classifier(x, y, args, generator, device):
+    model = DigitClassifier(num_classes=10, width=args.classifier_width).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    model.train()
+    for _ in tqdm(range(args.classifier_steps), desc="classifier", mininterval=2.0):
+        idx = torch.randint(0, len(y), (128,), generator=generator)
+        xb = random_shift(x[idx], generator, prob=0.5)
+        # Mild noise so that slightly imperfect generated digits are judged by shape.
+        xb = (xb + 0.1 * torch.randn(xb.shape, generator=generator)).clamp(-1, 1)
+        loss = F.cross_entropy(model(xb.to(device)), y[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def sample_accuracy(model, classifier, sampler, guidance, n, steps, device, seed=1234):
+    labels = torch.arange(n, device=device) % model.config.num_classes
+    images = sample(model, labels, steps, sampler=sampler, guidance=guidance, seed=seed).clamp(-1, 1)
+    return class_accuracy(classifier, images, labels)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="omnicache train-default", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1200, help="DiT optimisation steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "data")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--shift-prob", type=float, default=0.0, help="probability of a 1-px shift per DiT sample")
+    p.add_argument("--classifier-steps", type=int, default=1500)
+    p.add_argument("--classifier-width", type=int, default=32)
+    p.add_argument("--guidance", type=float, default=2.0, help="default classifier-free guidance scale")
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--eval-samples", type=int, default=500, help="samples per sampler for the class accuracy")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "classifier_steps", "sample_steps", "eval_samples"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    x_train, y_train, x_held, y_held = digits_split()
+    config = DiTConfig(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=args.hidden_size,
+        depth=args.depth,
+        num_heads=args.num_heads,
+        num_classes=10,
+        class_dropout_prob=0.1,
+    )
+    print(f"train {len(y_train)} / held-out {len(y_held)} digits; torch threads {torch.get_num_threads()}")
+
+    start = time.time()
+    classifier = train_classifier(x_train, y_train, args, generator, device)
+    classifier_time = time.time() - start
+    heldout_acc = class_accuracy(classifier, x_held.to(device), y_held.to(device))
+    print(f"classifier held-out accuracy {heldout_acc:.4f} ({classifier_time:.0f} s)")
+
+    start = time.time()
+    ema, losses = train_dit(config, x_train, y_train, args, generator, device)
+    dit_time = time.time() - start
+    final_loss = sum(losses[-100:]) / len(losses[-100:])
+    print(f"dit final loss {final_loss:.4f} ({dit_time:.0f} s)")
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    dit_state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in ema.state_dict().items()}
+    save_file(dit_state, str(args.out_dir / "default_dit.safetensors"), metadata={"format": "omnicache-dit"})
+    cls_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in classifier.state_dict().items()}
+    save_file(cls_state, str(args.out_dir / "digit_classifier.safetensors"), metadata={"format": "omnicache-digits"})
+    info = {
+        "format_version": FORMAT_VERSION,
+        "description": "class-conditional rectified-flow DiT on scikit-learn digits (1x8x8 in [-1, 1], 10 classes)",
+        "dit": {
+            "weights": "default_dit.safetensors",
+            "storage_dtype": "float16",
+            "config": dataclasses.asdict(config),
+            "parameters": sum(p.numel() for p in ema.parameters()),
+        },
+        "classifier": {
+            "weights": "digit_classifier.safetensors",
+            "num_classes": 10,
+            "width": args.classifier_width,
+            "heldout_accuracy": heldout_acc,
+            "heldout_size": len(y_held),
+            "train_steps": args.classifier_steps,
+        },
+        "data": {
+            "source": "sklearn.datasets.load_digits",
+            "scaling": "pixel / 8 - 1",
+            "split": f"train_test_split(test_size={HELDOUT_FRACTION}, random_state={SPLIT_SEED}, stratify=y)",
+            "train_size": len(y_train),
+        },
+        "default_guidance": args.guidance,
+        "default_steps": args.sample_steps,
+        "training": {
+            "command": "python -m omnicache.train_default " + shlex.join(argv if argv is not None else []),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out_dir"},
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "objective": "rectified flow, v = eps - x0, logit-normal t",
+            "wall_time_s": round(dit_time + classifier_time, 1),
+            "dit_wall_time_s": round(dit_time, 1),
+            "device": str(device),
+            "num_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "final_loss": final_loss,
+            "date": datetime.date.today().isoformat(),
+        },
+    }
+    (args.out_dir / DEFAULT_JSON).write_text(json.dumps(info, indent=2) + "\n")
+
+    # Evaluate what was written (float16 weights as loaded by load_default).
+    model = load_default(device=device, data_dir=args.out_dir)
+    classifier = load_classifier(device=device, data_dir=args.out_dir)
+    info["sample_accuracy"] = {"samples": args.eval_samples, "steps": args.sample_steps, "guidance": args.guidance}
+    for name in ("flow", "ddim"):
+        acc = sample_accuracy(model, classifier, name, args.guidance, args.eval_samples, args.sample_steps, device)
+        info["sample_accuracy"][name] = acc
+        print(f"class accuracy of guided samples ({name}, {args.sample_steps} steps, g={args.guidance}): {acc:.4f}")
+    (args.out_dir / DEFAULT_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
