@@ -1,0 +1,226 @@
+"""``CachePlan``: a static caching schedule, decided before sampling.
+
+A plan says, for every sampling step ``i``, block ``b`` and branch ``k`` (0 = attention,
+1 = MLP), whether to compute (``compute[i][b][k] = True``) or to reuse the cache. At a
+reuse step the executor adds the cached value ``F`` of the unit plus an optional
+forecast from the unit's last computed values::
+
+    F + gamma[i] * D1 + gamma2[i] * D2,   D1 = F_j - F_j',   D2 = D1_j - D1_j'
+
+with ``F_j, F_j', F_j''`` the unit's last three computed values (``D1`` the first
+difference, ``D2`` the second). ``gamma = gamma2 = 0`` is plain reuse (FORA, Δ-DiT);
+``gamma = k / N`` is first-order forecasting (TaylorSeer order 1) and the OmniCache
+noise correction; ``gamma2`` adds the second-order term.
+
+The cache unit is set by ``granularity``: ``"step"`` (one residual for the whole block
+stack, so every block and branch of a step shares one decision), ``"block"`` (one
+residual per block, both branches share it) or ``"branch"`` (attention and MLP
+separately, the pre-gate output with the current step's adaLN gate applied).
+
+Plans are saved as human-readable JSON and validated on construction and on load: a
+bad file raises ``ValueError`` naming the field, e.g. ``CachePlan.compute[3][2]: ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+__all__ = ["CachePlan", "GRANULARITIES", "PLAN_VERSION"]
+
+PLAN_VERSION = 1
+GRANULARITIES = ("step", "block", "branch")
+_FIELDS = ("version", "steps", "blocks", "granularity", "compute", "gamma", "gamma2", "meta")
+
+
+def _fail(field: str, message: str):
+    raise ValueError(f"CachePlan.{field}: {message}")
+
+
+def _positive_int(field: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(field, f"must be an int >= 1, got {value!r}")
+    return value
+
+
+def _compute_lists(compute, steps: int, blocks: int) -> list:
+    """``compute`` as nested lists of Python bools, checked to be ``[steps][blocks][2]``."""
+    if isinstance(compute, torch.Tensor):
+        if compute.dtype != torch.bool:
+            _fail("compute", f"a tensor must have dtype torch.bool, got {compute.dtype}")
+        if tuple(compute.shape) != (steps, blocks, 2):
+            _fail("compute", f"must have shape [{steps}, {blocks}, 2], got {list(compute.shape)}")
+        return compute.tolist()
+    if not isinstance(compute, (list, tuple)) or len(compute) != steps:
+        _fail("compute", f"must be a list of {steps} steps, got {type(compute).__name__} "
+                         f"of length {len(compute) if isinstance(compute, (list, tuple)) else '-'}")
+    out = []
+    for i, row in enumerate(compute):
+        if not isinstance(row, (list, tuple)) or len(row) != blocks:
+            _fail(f"compute[{i}]", f"must be a list of {blocks} blocks, got {row!r:.60}")
+        out_row = []
+        for b, pair in enumerate(row):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                _fail(f"compute[{i}][{b}]", f"must be a list [attention, mlp] of 2 bools, got {pair!r}")
+            for k, v in enumerate(pair):
+                if not isinstance(v, bool):
+                    _fail(f"compute[{i}][{b}][{k}]", f"must be true or false, got {v!r}")
+            out_row.append([pair[0], pair[1]])
+        out.append(out_row)
+    return out
+
+
+def _coefficients(field: str, values, steps: int) -> list:
+    if values is None:
+        return [0.0] * steps
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != steps:
+        n = len(values) if isinstance(values, (list, tuple)) else "-"
+        _fail(field, f"must be a list of {steps} numbers (one per step), got length {n}")
+    out = []
+    for i, g in enumerate(values):
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
+            _fail(f"{field}[{i}]", f"must be a finite number, got {g!r}")
+        out.append(float(g))
+    return out
+
+
+@dataclasses.dataclass
+class CachePlan:
+    """Per-step, per-block, per-branch compute/reuse decisions plus forecast coefficients.
+
+    Attributes:
+        steps: number of sampling steps (>= 1).
+        blocks: number of transformer blocks (>= 1).
+        granularity: ``"step"``, ``"block"`` or ``"branch"`` (the cache unit).
+        compute: ``[steps][blocks][2]`` bools, ``True`` = compute (attention, MLP); a bool
+            tensor of that shape is accepted and converted to lists.
+        gamma: per-step coefficient of the first difference ``D1`` at reuse steps
+            (0.0 = no correction); None means all zeros.
+        gamma2: per-step coefficient of the second difference ``D2``; None = all zeros.
+        meta: free-form JSON-serialisable dict (policy name, config, sampler...).
+        version: file format version (1).
+    """
+
+    steps: int
+    blocks: int
+    granularity: str
+    compute: list
+    gamma: list | None = None
+    gamma2: list | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self):
+        if isinstance(self.version, bool) or self.version != PLAN_VERSION:
+            _fail("version", f"must be {PLAN_VERSION}, got {self.version!r}")
+        _positive_int("steps", self.steps)
+        _positive_int("blocks", self.blocks)
+        if self.granularity not in GRANULARITIES:
+            _fail("granularity", f"must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        self.compute = _compute_lists(self.compute, self.steps, self.blocks)
+        self.gamma = _coefficients("gamma", self.gamma, self.steps)
+        self.gamma2 = _coefficients("gamma2", self.gamma2, self.steps)
+        if not isinstance(self.meta, dict):
+            _fail("meta", f"must be a dict, got {type(self.meta).__name__}")
+        try:
+            json.dumps(self.meta, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            _fail("meta", f"must be JSON-serialisable ({e})")
+        self._check_consistency()
+
+    def _check_consistency(self):
+        seen = [[False, False] for _ in range(self.blocks)]  # unit computed at least once so far
+        for i, row in enumerate(self.compute):
+            for b, (attn, mlp) in enumerate(row):
+                if self.granularity == "step" and not attn == mlp == row[0][0]:
+                    _fail(f"compute[{i}][{b}]", f"granularity 'step' needs every block and branch of a step "
+                                                f"equal to compute[{i}][0][0] = {row[0][0]}, got {[attn, mlp]}")
+                if self.granularity == "block" and attn != mlp:
+                    _fail(f"compute[{i}][{b}]", f"granularity 'block' needs both branches equal, got {[attn, mlp]}")
+                for k, v in enumerate((attn, mlp)):
+                    if not v and not seen[b][k]:
+                        _fail(f"compute[{i}][{b}][{k}]", "reuses a cache that no earlier step computed")
+                    seen[b][k] = seen[b][k] or v
+            if not all(row[b][k] for b in range(self.blocks) for k in range(2)):
+                continue
+            if self.gamma[i] != 0.0 or self.gamma2[i] != 0.0:
+                _fail(f"gamma[{i}]", "must be 0 at a step that computes every block (nothing is reused)")
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def full(cls, steps: int, blocks: int, granularity: str = "step", meta: dict | None = None) -> CachePlan:
+        """The plan that computes everything (uncached sampling)."""
+        compute = [[[True, True] for _ in range(blocks)] for _ in range(steps)]
+        return cls(steps, blocks, granularity, compute, meta=dict(meta or {"policy": "NoCache"}))
+
+    def compute_tensor(self) -> torch.Tensor:
+        """``compute`` as a bool tensor ``[steps, blocks, 2]``."""
+        return torch.tensor(self.compute, dtype=torch.bool)
+
+    def compute_fraction(self, flops: dict) -> float:
+        """FLOPs this plan spends / FLOPs of uncached sampling, from ``model.flops_per_sample()``.
+
+        Per step: ``embed + final`` always; per block, ``block_attn`` / ``block_mlp`` when the
+        branch computes; ``block_modulation`` when either branch computes, and always at
+        ``branch`` granularity (the current gate is needed to apply a cached branch).
+        """
+        spent = 0.0
+        for row in self.compute:
+            spent += flops["embed"] + flops["final"]
+            for attn, mlp in row:
+                spent += attn * flops["block_attn"] + mlp * flops["block_mlp"]
+                if attn or mlp or self.granularity == "branch":
+                    spent += flops["block_modulation"]
+        return spent / (self.steps * flops["total"])
+
+    def check_matches(self, model, steps: int) -> None:
+        """Raise ``ValueError`` naming the field if this plan does not fit ``model``/``steps``."""
+        if self.steps != steps:
+            _fail("steps", f"plan has {self.steps} steps but sampling runs {steps}")
+        depth = len(model.blocks)
+        if self.blocks != depth:
+            _fail("blocks", f"plan has {self.blocks} blocks but the model has {depth}")
+
+    # ---------------------------------------------------------------------- I/O
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    def save(self, path) -> None:
+        """Write the plan as JSON: one line per field, one line per step of ``compute``."""
+        d = self.to_dict()
+        lines = [f"  {json.dumps(k)}: {json.dumps(d[k], allow_nan=False)}" for k in _FIELDS if k not in ("compute", "meta")]
+        lines.append(f'  "meta": {json.dumps(d["meta"], allow_nan=False)}')
+        rows = ",\n    ".join(json.dumps(row) for row in d["compute"])
+        lines.append(f'  "compute": [\n    {rows}\n  ]')
+        Path(path).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+    @classmethod
+    def from_dict(cls, d) -> CachePlan:
+        if not isinstance(d, dict):
+            raise ValueError(f"CachePlan: the top level must be a JSON object, got {type(d).__name__}")
+        for name in _FIELDS:
+            if name not in d:
+                _fail(name, "missing")
+        for name in d:
+            if name not in _FIELDS:
+                _fail(name, "unknown field")
+        for name in ("gamma", "gamma2"):
+            if not isinstance(d[name], list):
+                _fail(name, f"must be a list of numbers, got {d[name]!r:.60}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path) -> CachePlan:
+        """Read and validate a plan written by :meth:`save`."""
+        text = Path(path).read_text()
+        try:
+            d = json.loads(text)  # NaN/Infinity parse as floats and are refused by field below
+        except json.JSONDecodeError as e:
+            raise ValueError(f"CachePlan: {path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)

@@ -1,0 +1,34 @@
+"""Caching policies: each a ``<Name>Config`` dataclass, validated on construction.
+
+``kind = "static"`` configs build a :class:`~omnicache.plan.CachePlan` before sampling
+(``config.plan(steps, blocks, granularity=None)``); ``kind = "dynamic"`` configs build a
+per-run decider (``config.decider(steps, blocks, granularity=None)``) that the executor
+asks once per step, per sample. A ``CachePlan`` is accepted wherever a config is.
+
+A decider has ``first_blocks`` (blocks computed before deciding), ``ref_every_step``,
+``start(batch)``, ``signal(model, h0, h, c) -> Tensor``, ``signal_flops(flops, config)``,
+``decide(i, rel) -> list[bool]`` and ``record() -> dict``; see
+:mod:`omnicache.runtime.executor`.
+"""
+
+from ..plan import CachePlan
+from .delta_dit import DeltaDiTConfig
+from .first_block_cache import FirstBlockCacheConfig
+from .fora import FORAConfig
+from .nocache import NoCacheConfig
+from .omnicache import OmniCacheConfig
+from .taylorseer import TaylorSeerConfig, forecast_coefficients
+from .teacache import TeaCacheConfig, fit_teacache_coefficients
+
+__all__ = [
+    "CachePlan",
+    "NoCacheConfig",
+    "FORAConfig",
+    "DeltaDiTConfig",
+    "TeaCacheConfig",
+    "FirstBlockCacheConfig",
+    "TaylorSeerConfig",
+    "OmniCacheConfig",
+    "fit_teacache_coefficients",
+    "forecast_coefficients",
+]

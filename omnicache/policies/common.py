@@ -1,0 +1,44 @@
+"""Helpers shared by the policy configs: field validation and refresh schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..plan import GRANULARITIES
+
+__all__ = ["check_int", "check_number", "check_granularity", "refresh_steps", "describe"]
+
+
+def check_int(config, name: str, lo: int = 0) -> None:
+    """``config.<name>`` must be an int >= ``lo``; else ``ValueError`` naming the field."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{type(config).__name__}.{name} must be an int >= {lo}, got {value!r}")
+
+
+def check_number(config, name: str, lo: float = -math.inf, hi: float = math.inf) -> None:
+    """``config.<name>`` must be a finite number in ``[lo, hi]``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise ValueError(f"{type(config).__name__}.{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+
+
+def check_granularity(config, granularity, allowed=GRANULARITIES) -> str:
+    """The granularity to use: the override if given (checked), else ``config.granularity``."""
+    g = config.granularity if granularity is None else granularity
+    if g not in allowed:
+        field = f"{type(config).__name__}.granularity" if granularity is None else "granularity"
+        raise ValueError(f"{field} must be one of {', '.join(allowed)}, got {g!r}")
+    return g
+
+
+def refresh_steps(steps: int, interval: int, warmup: int) -> list[bool]:
+    """Full-compute steps: the first ``warmup`` steps, then every ``interval``-th step."""
+    return [i < warmup or (i - warmup) % interval == 0 for i in range(steps)]
+
+
+def describe(config) -> dict:
+    """``{"policy": <Name>, "config": {...}}`` for a plan's ``meta``."""
+    return {"policy": type(config).__name__.removesuffix("Config"), "config": dataclasses.asdict(config)}

@@ -1,0 +1,73 @@
+"""First-Block Cache (ParaAttention / cache-dit "FBCache", DBCache with Fn front blocks).
+
+Every step computes the first ``Fn = first_blocks`` blocks. Their residual
+``r_i = h_Fn - h_0`` is compared, per sample (cond and uncond rows summed), with the
+same residual at the sample's last computed step ``j``:
+
+    rel = Σ|r_i - r_j| / Σ|r_j|;   rel < threshold -> reuse, else compute
+
+Reuse adds the cached residual of the remaining blocks ``Fn..depth-1`` (one residual,
+``apply_residual_``); compute runs them and stores their residual (``store_residual_``)
+and makes ``r_i`` the new reference. Comparing with the last *computed* step (not the
+previous step) keeps slow drift from going unseen. The first ``warmup`` steps compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .common import check_granularity, check_int, check_number
+
+__all__ = ["FirstBlockCacheConfig"]
+
+
+@dataclass(frozen=True)
+class FirstBlockCacheConfig:
+    """``threshold``: relative-L1 change of the first blocks' residual below which the rest
+    is reused; ``first_blocks``: Fn blocks always computed; ``warmup``: first steps computed."""
+
+    threshold: float = 0.08
+    first_blocks: int = 1
+    warmup: int = 1
+    granularity: str = "step"
+    kind: ClassVar[str] = "dynamic"
+
+    def __post_init__(self):
+        check_number(self, "threshold", 0.0)
+        check_int(self, "first_blocks", 1)
+        check_int(self, "warmup", 1)
+        check_granularity(self, None, ("step",))
+
+    def decider(self, steps: int, blocks: int, granularity: str | None = None) -> FirstBlockCacheDecider:
+        check_granularity(self, granularity, ("step",))
+        if self.first_blocks >= blocks:
+            raise ValueError(f"FirstBlockCacheConfig.first_blocks must be < the model's {blocks} blocks, "
+                             f"got {self.first_blocks}")
+        return FirstBlockCacheDecider(self)
+
+
+class FirstBlockCacheDecider:
+    """See the module docstring."""
+
+    ref_every_step = False  # the reference is the residual at the last computed step
+
+    def __init__(self, config: FirstBlockCacheConfig):
+        self.config, self.first_blocks, self.batch = config, config.first_blocks, 0
+
+    def start(self, batch: int) -> None:
+        self.batch = batch
+
+    def signal(self, model, h0, h, c):
+        return h - h0
+
+    def signal_flops(self, flops: dict, config) -> float:
+        return 0.0
+
+    def decide(self, i: int, rel: list | None) -> list[bool]:
+        if rel is None or i < self.config.warmup:
+            return [True] * self.batch
+        return [r >= self.config.threshold for r in rel]
+
+    def record(self) -> dict:
+        return {}

@@ -1,0 +1,22 @@
+"""Minimal DiT runtime: the model, its presets, the samplers and the embedded default model."""
+
+from .default import load_classifier, load_default
+from .model import PRESETS, DiT, DiTBlock, DiTConfig, make_dit
+from .samplers import DDIM, FlowEuler, cfg_batch, cfg_combine, cfg_labels, make_sampler, sample
+
+__all__ = [
+    "DiT",
+    "DiTBlock",
+    "DiTConfig",
+    "PRESETS",
+    "make_dit",
+    "FlowEuler",
+    "DDIM",
+    "make_sampler",
+    "cfg_labels",
+    "cfg_batch",
+    "cfg_combine",
+    "sample",
+    "load_default",
+    "load_classifier",
+]

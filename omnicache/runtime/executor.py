@@ -1,0 +1,392 @@
+"""The cache executor: a DiT sampling loop that computes or reuses per step, block, branch.
+
+Classifier-free guidance runs the batch as ``[cond; uncond]`` (``2B`` rows); a *sample*
+is its two rows together. Per step the executor embeds, drives the block loop, and
+either computes a cache unit (and stores it) or reuses it:
+
+- ``step``: one residual for the whole block stack. Compute: ``inp = h``, run every
+  block, ``store_residual_(F, D1, h, inp)`` (``F = h - inp``). Reuse:
+  ``apply_residual_(h, F, D1, gamma)``, i.e. ``h += F + gamma * D1``.
+- ``block``: the same per block.
+- ``branch``: attention and MLP separately; ``F`` is the PRE-gate branch output and a
+  reuse applies the current step's adaLN gate: ``h += gate * (F + gamma * D1)``. The
+  block's modulation is computed every step (cheap) and counted.
+
+``D1`` (and the second difference ``D2``) exist only when the plan's ``gamma``/``gamma2``
+use them (see :mod:`omnicache.plan`). Every buffer is allocated once, contiguous, before
+the loop; a unit is stored only when a later step reads it.
+
+**Static plans** (a :class:`CachePlan`) are turned into Python lists of actions before
+the loop: the loop does no host synchronisation (checked by
+:func:`omnicache.runtime.syncguard.no_host_sync`) and ``step_fn(i)`` compiles with
+``torch.compile(fullgraph=True)``; statistics stay device tensors until the summary is read.
+
+**Dynamic policies** (a *decider*, see :mod:`omnicache.policies`) compute the first
+``decider.first_blocks`` blocks, a signal tensor (``decider.signal``), its relative L1
+``Σ|s - s_ref| / Σ|s_ref|`` to a reference (``rel_l1``, cond and uncond rows summed per
+sample: the one host sync per step), and ask ``decider.decide(i, rel)`` per sample.
+Samples that compute run the remaining blocks as a sub-batch (``index_select`` /
+``index_copy_``); the others reuse the residual of the remaining blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import torch
+
+from .. import ops
+from ..plan import CachePlan
+from .samplers import cfg_batch, cfg_combine, cfg_labels, make_sampler
+
+__all__ = ["CacheExecutor", "RunSummary"]
+
+COMPUTE, STORE, REUSE = 0, 1, 2  # static actions per cache unit and step
+
+
+def _per_sample_rel(stats: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+    """``[rows, k]`` sums -> ``[B]`` relative L1 ``(Σ col0) / (Σ col1)`` over a sample's rows."""
+    s = stats.reshape(rows_per_sample, -1, stats.shape[1]).sum(0)
+    return s[:, 0] / s[:, 1]
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a sampling run did.
+
+    ``decisions[i, b, k]``: fraction of samples that computed branch ``k`` (0 attention,
+    1 MLP) of block ``b`` at step ``i``. ``compute_fraction = flops / flops_uncached``,
+    FLOPs from ``model.flops_per_sample()`` times the rows that ran each part.
+    ``stats``: per step, a dict of per-sample lists (see the executor); read lazily.
+    """
+
+    policy: str
+    granularity: str
+    decisions: torch.Tensor
+    flops: float
+    flops_uncached: float
+    wall_s: float
+    cache_bytes: int
+    batch: int
+    rows_per_sample: int
+    raw_stats: list = dataclasses.field(repr=False, default_factory=list)
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.flops / self.flops_uncached
+
+    @functools.cached_property
+    def stats(self) -> list[dict]:
+        """Per step, per-sample lists (read back from the device here, once).
+
+        Static plans: ``residual_rel_l1`` (at steps that stored a residual): mean over the
+        stored units of ``Σ|F_new - F_old| / Σ|F_old|``. Dynamic policies: ``signal_rel_l1``
+        (None at step 0), ``compute``, ``residual_rel_l1`` of the remaining blocks' residual
+        (None where the sample reused), plus the decider's own entries.
+        """
+        out = []
+        for d in self.raw_stats:
+            if isinstance(d, tuple):  # static: the [rows, 4] stats of each stored unit
+                rel = [_per_sample_rel(s, self.rows_per_sample) for s in d]
+                out.append({"residual_rel_l1": torch.stack(rel).mean(0).tolist()} if rel else {})
+                continue
+            d = dict(d)
+            store = d["residual_rel_l1"]
+            per = [None] * self.batch
+            if isinstance(store, tuple):  # a sub-batch computed
+                for s, v in zip(store[0], _per_sample_rel(store[1], self.rows_per_sample).tolist()):
+                    per[s] = v
+            elif store is not None:
+                per = _per_sample_rel(store, self.rows_per_sample).tolist()
+            d["residual_rel_l1"] = per
+            out.append(d)
+        return out
+
+
+class CacheExecutor:
+    """Sampling with feature caching on a :class:`~omnicache.runtime.model.DiT`.
+
+    Args:
+        model: DiT in eval mode; its parameter dtype is the compute dtype.
+        labels: ``(B,)`` long class ids on the model's device.
+        policy: a :class:`CachePlan`, a static policy config (``.plan(steps, blocks,
+            granularity)``), a dynamic one (``.decider(steps, blocks, granularity)``), or
+            None (compute everything).
+        steps, sampler: the sampler (``"flow"``, ``"ddim"`` or an object).
+        guidance: CFG scale; ``1.0`` runs the conditional rows only.
+        granularity: overrides the policy's default cache unit, if given.
+    """
+
+    def __init__(self, model, labels, policy=None, *, steps=50, sampler="flow", guidance=1.0,
+                 granularity=None):
+        self.model, self.blocks = model, list(model.blocks)
+        self.sampler = make_sampler(sampler, steps) if isinstance(sampler, str) else sampler
+        if self.sampler.steps != steps:
+            raise ValueError(f"steps ({steps}) must equal sampler.steps ({self.sampler.steps})")
+        self.steps, self.guidance = steps, float(guidance)
+        self.cfg = self.guidance != 1.0
+        self.rows_per_sample = 2 if self.cfg else 1
+        self.batch = labels.shape[0]
+        self.rows = self.batch * self.rows_per_sample
+        self.y = cfg_labels(labels, model.config.num_classes) if self.cfg else labels
+        self.device, self.dtype = labels.device, next(model.parameters()).dtype
+        cfg = model.config
+        self.hidden_shape = (self.rows, cfg.num_tokens, cfg.hidden_size)
+        self.flops = model.flops_per_sample()
+        depth = len(self.blocks)
+        if policy is None:
+            policy = CachePlan.full(steps, depth)
+        if isinstance(policy, CachePlan):
+            if granularity is not None and granularity != policy.granularity:
+                policy = dataclasses.replace(policy, granularity=granularity)  # validated again
+            self.plan, self.decider = policy, None
+            policy.check_matches(model, steps)
+        elif getattr(policy, "kind", None) not in ("static", "dynamic"):
+            raise TypeError(f"policy must be a CachePlan, a policy config or None, got {type(policy).__name__}")
+        elif policy.kind == "static":
+            if hasattr(policy, "calibrate"):  # plans fitted on the model itself (OmniCache)
+                plan = policy.calibrate(model, steps=steps, sampler=sampler, guidance=guidance,
+                                        granularity=granularity)
+            else:
+                plan = policy.plan(steps, depth, granularity=granularity)
+            self.plan, self.decider = plan, None
+            self.plan.check_matches(model, steps)
+        else:
+            self.plan, self.decider = None, policy.decider(steps, depth, granularity=granularity)
+        self.policy_name = type(policy).__name__.removesuffix("Config")
+        if self.plan is not None:
+            self.policy_name = self.plan.meta.get("policy", self.policy_name)
+            self._prepare_static()
+        else:
+            self._prepare_dynamic()
+
+    # ------------------------------------------------------------------ buffers
+    def _zeros(self):
+        return torch.zeros(self.hidden_shape, device=self.device, dtype=self.dtype)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held across steps: cache buffers, plus a dynamic policy's reference signal."""
+        ref = self._ref.nbytes if self.decider is not None and self._ref is not None else 0
+        return ref + sum(t.nbytes for unit in self._cache.values() for t in unit if t is not None)
+
+    def _prepare_static(self):
+        """Turn the plan into per-step action lists and allocate only the buffers it reads."""
+        plan, depth = self.plan, len(self.blocks)
+        self.granularity = plan.granularity
+        if plan.granularity == "step":
+            units = {0: [row[0][0] for row in plan.compute]}
+        elif plan.granularity == "block":
+            units = {b: [row[b][0] for row in plan.compute] for b in range(depth)}
+        else:
+            units = {(b, k): [row[b][k] for row in plan.compute] for b in range(depth) for k in (0, 1)}
+        order = 2 if any(plan.gamma2) else 1 if any(plan.gamma) else 0
+        self._actions = [{} for _ in range(self.steps)]
+        self._cache = {}
+        for u, comp in units.items():
+            reused = not all(comp)
+            if reused:
+                self._cache[u] = (self._zeros(), self._zeros() if order >= 1 else None,
+                                  self._zeros() if order >= 2 else None)
+            for i, c in enumerate(comp):
+                # Store when a later step reads the value: the next step reuses it, or the
+                # differences D1/D2 need every computed value.
+                nxt_reuse = i + 1 < self.steps and not comp[i + 1]
+                self._actions[i][u] = REUSE if not c else STORE if reused and (order or nxt_reuse) else COMPUTE
+        # gamma as preallocated float32 device scalars (apply_residual_ reads them on device)
+        g = torch.tensor(plan.gamma, dtype=torch.float32, device=self.device)
+        self._gamma = [g[i] for i in range(self.steps)]
+
+    def _prepare_dynamic(self):
+        self.granularity = "step"
+        self._cache = {"rest": (self._zeros(), None, None)}
+        self._ref = None  # the decider's reference signal (rows, T, D)
+
+    # ---------------------------------------------------------------- shared step parts
+    def _embed(self, i, x):
+        x_model, t = self.sampler.model_input(i, x)
+        if self.cfg:
+            x_model, t = cfg_batch(x_model), cfg_batch(t)
+        h, c = self.model.embed(x_model.to(self.dtype), t, self.y)
+        return h.contiguous(), c  # in-place cache ops need a contiguous hidden state
+
+    def _finish(self, i, x, h, c):
+        out = self.model.final(h, c).float()
+        if self.cfg:
+            out = cfg_combine(out, self.guidance)
+        return self.sampler.step(i, x, out)
+
+    # --------------------------------------------------------------------- static
+    def step_fn(self, i: int):
+        """``x -> (x_next, stats)`` for step ``i`` of the static plan; every decision in it is
+        a Python constant, so ``torch.compile(step_fn(i), fullgraph=True)`` has no graph break."""
+        if self.plan is None:
+            raise ValueError("step_fn needs a static plan; dynamic policies decide online")
+        return functools.partial(self._static_step, i)
+
+    def _static_step(self, i, x):
+        h, c = self._embed(i, x)
+        acts, stats = self._actions[i], []
+        if self.granularity == "branch":
+            for b, blk in enumerate(self.blocks):
+                a_act, m_act = acts[(b, 0)], acts[(b, 1)]
+                if a_act == m_act == COMPUTE:
+                    h = blk(h, c)
+                    continue
+                mod = blk.modulation(c)
+                h = self._branch(i, (b, 0), a_act, h, mod, mod[2], blk.attn_branch)
+                h = self._branch(i, (b, 1), m_act, h, mod, mod[5], blk.mlp_branch)
+        else:
+            segments = [(0, len(self.blocks), 0)] if self.granularity == "step" else \
+                [(b, b + 1, b) for b in range(len(self.blocks))]
+            for lo, hi, u in segments:
+                if acts[u] == REUSE:
+                    self._reuse_residual(i, u, h)
+                    continue
+                inp = h
+                for blk in self.blocks[lo:hi]:
+                    h = blk(h, c)
+                if acts[u] == STORE:
+                    stats.append(self._store_residual(u, h, inp))
+        return self._finish(i, x, h, c), tuple(stats)
+
+    def _reuse_residual(self, i, u, h):
+        """``h += F + gamma * D1 + gamma2 * D2`` in place."""
+        F, D1, D2 = self._cache[u]
+        if self.plan.gamma[i]:
+            ops.apply_residual_(h, F, D1, self._gamma[i])
+        else:
+            ops.apply_residual_(h, F)
+        if self.plan.gamma2[i]:
+            h.add_(D2, alpha=self.plan.gamma2[i])
+
+    def _store_residual(self, u, out, inp):
+        """``F = out - inp``; ``D1 = F_new - F_old``; ``D2 = D1_new - D1_old``; returns [rows, 4] stats."""
+        F, D1, D2 = self._cache[u]
+        if D2 is not None:
+            torch.neg(D1, out=D2)
+        stats = ops.store_residual_(F, D1, out, inp)
+        if D2 is not None:
+            D2.add_(D1)
+        return stats
+
+    def _branch(self, i, u, act, h, mod, gate, branch):
+        """One branch: compute ``h + gate * branch(h, mod)`` (storing the pre-gate output), or reuse."""
+        gate = gate.unsqueeze(1)  # (rows, 1, D)
+        if act == REUSE:
+            F, D1, D2 = self._cache[u]
+            h.addcmul_(gate, F)
+            if self.plan.gamma[i]:
+                h.addcmul_(gate, D1, value=self.plan.gamma[i])
+            if self.plan.gamma2[i]:
+                h.addcmul_(gate, D2, value=self.plan.gamma2[i])
+            return h
+        out = branch(h, mod)
+        if act == STORE:
+            F, D1, D2 = self._cache[u]
+            if D2 is not None:
+                torch.neg(D1, out=D2)
+            if D1 is not None:
+                torch.sub(out, F, out=D1)
+            F.copy_(out)
+            if D2 is not None:
+                D2.add_(D1)
+        return h + gate * out
+
+    # -------------------------------------------------------------------- dynamic
+    def _dynamic_step(self, i, x):
+        """One step under a decider; returns ``(x_next, rows that ran the rest, stats)``."""
+        dec, B, R = self.decider, self.batch, self.rows_per_sample
+        h, c = self._embed(i, x)
+        h0 = h
+        for blk in self.blocks[: dec.first_blocks]:
+            h = blk(h, c)
+        sig = dec.signal(self.model, h0, h, c)  # a fresh tensor (h is later updated in place)
+        rel = None
+        if self._ref is not None:
+            rel = _per_sample_rel(ops.rel_l1(sig, self._ref), R).tolist()  # the step's one host sync
+        compute = dec.decide(i, rel)
+        samples = [s for s in range(B) if compute[s]]
+        F = self._cache["rest"][0]
+        if len(samples) == B:
+            inp = h
+            for blk in self.blocks[dec.first_blocks:]:
+                h = blk(h, c)
+            store = ops.store_residual_(F, None, h, inp)
+            self._ref = sig
+        elif not samples:
+            ops.apply_residual_(h, F)
+            store = None
+            if dec.ref_every_step:
+                self._ref = sig
+        else:
+            rows = torch.tensor([s + r * B for r in range(R) for s in samples])
+            if rows.device != self.device:  # pinned + non_blocking: no second sync on CUDA
+                rows = rows.pin_memory().to(self.device, non_blocking=True)
+            sub, c_sub = h.index_select(0, rows), c.index_select(0, rows)
+            out = sub
+            for blk in self.blocks[dec.first_blocks:]:
+                out = blk(out, c_sub)
+            res = F.index_select(0, rows)
+            store = (samples, ops.store_residual_(res, None, out, sub))
+            ops.apply_residual_(h, F)  # every row; the computed rows are overwritten next
+            h.index_copy_(0, rows, out)
+            F.index_copy_(0, rows, res)
+            if dec.ref_every_step:
+                self._ref = sig
+            else:
+                self._ref.index_copy_(0, rows, sig.index_select(0, rows))
+        stats = {"signal_rel_l1": rel, "compute": compute, **dec.record(), "residual_rel_l1": store}
+        return self._finish(i, x, h, c), len(samples) * R, stats
+
+    # ------------------------------------------------------------------------ run
+    def init_noise(self, seed: int = 0) -> torch.Tensor:
+        cfg = self.model.config
+        shape = (self.batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+        return self.sampler.init_noise(shape, generator=torch.Generator().manual_seed(seed), device=self.device)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def run(self, seed: int = 0, x: torch.Tensor | None = None):
+        """Sample from noise drawn with ``seed`` (or from ``x``); returns ``(x_final, RunSummary)``."""
+        x = self.init_noise(seed) if x is None else x
+        for unit in self._cache.values():  # every run starts from empty (zero) caches
+            for t in unit:
+                if t is not None:
+                    t.zero_()
+        f, depth, rows, steps = self.flops, len(self.blocks), self.rows, self.steps
+        raw, ran_rest = [], []
+        self._sync()
+        t0 = time.perf_counter()
+        if self.plan is not None:
+            for i in range(steps):
+                x, stats = self._static_step(i, x)
+                raw.append(stats)
+        else:
+            self._ref = None
+            self.decider.start(self.batch)
+            for i in range(steps):
+                x, n_rows, stats = self._dynamic_step(i, x)
+                ran_rest.append(n_rows)
+                raw.append(stats)
+        self._sync()
+        wall = time.perf_counter() - t0
+
+        uncached = float(steps * rows * f["total"])
+        if self.plan is not None:
+            flops = self.plan.compute_fraction(f) * uncached
+            decisions = self.plan.compute_tensor().float()
+        else:
+            dec = self.decider
+            block = f["block_attn"] + f["block_mlp"] + f["block_modulation"]
+            per_step = f["embed"] + f["final"] + dec.first_blocks * block + dec.signal_flops(f, self.model.config)
+            flops = float(steps * rows * per_step + sum(ran_rest) * (depth - dec.first_blocks) * block)
+            decisions = torch.ones(steps, depth, 2)
+            decisions[:, dec.first_blocks:] = torch.tensor(ran_rest, dtype=torch.float32)[:, None, None] / rows
+        return x, RunSummary(self.policy_name, self.granularity, decisions, flops, uncached, wall,
+                             self.cache_bytes, self.batch, self.rows_per_sample, raw)

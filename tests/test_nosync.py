@@ -1,0 +1,111 @@
+"""Static plans: no host synchronisation in the step loop; one step compiles with
+``torch.compile(fullgraph=True)`` and equals eager."""
+
+import pytest
+import torch
+
+from omnicache.plan import CachePlan
+from omnicache.policies import DeltaDiTConfig, FORAConfig, TaylorSeerConfig, TeaCacheConfig
+from omnicache.runtime import make_dit
+from omnicache.runtime.executor import CacheExecutor
+from omnicache.runtime.syncguard import HostSyncError, no_host_sync
+
+LABELS = torch.tensor([2, 7, 1])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: intra-op threads only add overhead (and spin badly on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = make_dit("tiny")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def test_guard_catches_syncs():
+    x = torch.ones(4)
+    for sync in (lambda: x.sum().item(), lambda: bool(x[0]), lambda: x.tolist(), lambda: float(x[0]),
+                 lambda: int(x[0]), lambda: x.cpu(), lambda: x.numpy(), lambda: [0, 1][x[0].long()]):
+        with pytest.raises(RuntimeError, match="host sync"), no_host_sync():
+            sync()
+    with no_host_sync():
+        y = (x * 2).sum()  # device work is fine
+    assert y.item() == 8.0  # and the guard is gone afterwards
+
+
+def test_guard_catches_a_dynamic_policy(model):
+    ex = CacheExecutor(model, LABELS, TeaCacheConfig(threshold=0.1), steps=4, guidance=2.0)
+    with pytest.raises(HostSyncError, match=r"Tensor\.tolist"), no_host_sync():
+        ex.run(0)
+
+
+def saved_and_loaded(tmp_path):
+    path = tmp_path / "plan.json"
+    TaylorSeerConfig(interval=3, order=2, warmup=1, granularity="block").plan(10, 2).save(path)
+    return CachePlan.load(path)
+
+
+@pytest.mark.parametrize("policy", [
+    lambda tmp: FORAConfig(interval=3),
+    lambda tmp: FORAConfig(interval=2, granularity="step"),
+    lambda tmp: TaylorSeerConfig(interval=3, order=2, warmup=1),
+    lambda tmp: DeltaDiTConfig(interval=2, group_size=1),
+    saved_and_loaded,
+], ids=["fora-branch", "fora-step", "taylorseer", "delta-dit", "loaded-plan"])
+def test_static_loop_has_no_host_sync(model, tmp_path, policy):
+    ex = CacheExecutor(model, LABELS, policy(tmp_path), steps=10, guidance=2.0)
+    with no_host_sync():
+        x, summary = ex.run(0)
+    ref, _ = CacheExecutor(model, LABELS, policy(tmp_path), steps=10, guidance=2.0).run(0)
+    assert torch.equal(x, ref)
+    assert summary.stats is not None  # statistics are read back after the loop, lazily
+
+
+def state(ex):
+    return [t.clone() for unit in ex._cache.values() for t in unit if t is not None]
+
+
+def restore(ex, saved):
+    for t, s in zip([t for unit in ex._cache.values() for t in unit if t is not None], saved):
+        t.copy_(s)
+
+
+def compile_step_equals_eager(ex, i, backend):
+    torch._dynamo.reset()
+    x = ex.init_noise(0)
+    with torch.no_grad():
+        for j in range(i):
+            x, _ = ex.step_fn(j)(x)
+        before = state(ex)
+        eager, eager_stats = ex.step_fn(i)(x)
+        after = state(ex)
+        restore(ex, before)
+        compiled, compiled_stats = torch.compile(ex.step_fn(i), fullgraph=True, backend=backend)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled_stats, eager_stats):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(state(ex), after):  # the compiled step wrote the caches like eager
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["step", "block", "branch"])
+def test_compiled_step_no_graph_break(model, granularity):
+    plan = TaylorSeerConfig(interval=2, order=2, warmup=1, granularity=granularity).plan(8, 2)
+    ex = CacheExecutor(model, LABELS, plan, steps=8, guidance=2.0)
+    compile_step_equals_eager(ex, 3, "aot_eager")  # a full step storing F, D1, D2
+    compile_step_equals_eager(ex, 4, "aot_eager")  # a forecast step
+
+
+def test_compiled_step_inductor(model):
+    ex = CacheExecutor(model, LABELS, FORAConfig(interval=2, granularity="block"), steps=4, guidance=2.0)
+    compile_step_equals_eager(ex, 1, "inductor")

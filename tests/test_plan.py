@@ -1,0 +1,129 @@
+"""CachePlan: JSON round trip, validation that names the bad field, fit to a model."""
+
+import json
+
+import pytest
+import torch
+
+from omnicache.plan import CachePlan
+from omnicache.policies import FORAConfig, TaylorSeerConfig
+from omnicache.runtime import make_dit
+
+
+def plan_dict(**overrides):
+    d = TaylorSeerConfig(interval=2, order=2, warmup=1).plan(6, 3).to_dict()
+    d.update(overrides)
+    return d
+
+
+def write(tmp_path, d):
+    path = tmp_path / "plan.json"
+    path.write_text(d if isinstance(d, str) else json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize("granularity", ["step", "block", "branch"])
+def test_round_trip(tmp_path, granularity):
+    plan = TaylorSeerConfig(interval=3, order=2, warmup=2, granularity=granularity).plan(10, 4)
+    plan.save(tmp_path / "p.json")
+    loaded = CachePlan.load(tmp_path / "p.json")
+    assert loaded == plan
+    assert loaded.meta["policy"] == "TaylorSeer"
+    text = (tmp_path / "p.json").read_text()
+    assert text.count("\n") > 10  # human-readable: one step per line, not one long line
+
+
+def test_tensor_compute_and_full():
+    plan = FORAConfig(interval=2).plan(4, 2)
+    again = CachePlan(4, 2, "branch", plan.compute_tensor())
+    assert again.compute == plan.compute
+    full = CachePlan.full(3, 2)
+    assert full.compute_tensor().all() and full.gamma == [0.0] * 3
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"version": 2}, "CachePlan.version"),
+    ({"granularity": "layer"}, "CachePlan.granularity"),
+    ({"steps": 0}, "CachePlan.steps"),
+    ({"blocks": 1.5}, "CachePlan.blocks"),
+    ({"compute": [[[True, True]] * 3] * 5}, "CachePlan.compute"),
+    ({"gamma": [0.0] * 5}, "CachePlan.gamma"),
+    ({"gamma2": "zeros"}, "CachePlan.gamma2"),
+    ({"meta": [1]}, "CachePlan.meta"),
+    ({"extra": 1}, "CachePlan.extra"),
+])
+def test_bad_field_named(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        CachePlan.load(write(tmp_path, plan_dict(**overrides)))
+
+
+def test_ragged_and_non_bool_compute(tmp_path):
+    d = plan_dict()
+    d["compute"][3] = d["compute"][3][:2]
+    with pytest.raises(ValueError, match=r"CachePlan\.compute\[3\]:"):
+        CachePlan.load(write(tmp_path, d))
+    d = plan_dict()
+    d["compute"][3][2] = [True]
+    with pytest.raises(ValueError, match=r"CachePlan\.compute\[3\]\[2\]:"):
+        CachePlan.load(write(tmp_path, d))
+    d = plan_dict()
+    d["compute"][3][2][1] = 1
+    with pytest.raises(ValueError, match=r"CachePlan\.compute\[3\]\[2\]\[1\]: must be true or false"):
+        CachePlan.load(write(tmp_path, d))
+    with pytest.raises(ValueError, match="CachePlan.compute: a tensor must have dtype torch.bool"):
+        CachePlan(2, 1, "step", torch.ones(2, 1, 2))
+
+
+def test_nan_gamma_named(tmp_path):
+    d = plan_dict()
+    text = json.dumps(d).replace('"gamma": [0.0', '"gamma": [NaN', 1)
+    with pytest.raises(ValueError, match=r"CachePlan\.gamma\[0\]: must be a finite number"):
+        CachePlan.load(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("key", ["version", "steps", "blocks", "granularity", "compute", "gamma", "gamma2", "meta"])
+def test_missing_key_named(tmp_path, key):
+    d = plan_dict()
+    del d[key]
+    with pytest.raises(ValueError, match=rf"CachePlan\.{key}: missing"):
+        CachePlan.load(write(tmp_path, d))
+
+
+def test_not_json(tmp_path):
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CachePlan.load(write(tmp_path, "{steps: 3"))
+    with pytest.raises(ValueError, match="top level must be a JSON object"):
+        CachePlan.load(write(tmp_path, "[1, 2]"))
+
+
+def test_consistency_with_granularity():
+    mixed = [[[True, True], [True, True]], [[False, False], [True, True]]]
+    CachePlan(2, 2, "block", mixed)
+    with pytest.raises(ValueError, match=r"CachePlan\.compute\[1\]\[1\]: granularity 'step'"):
+        CachePlan(2, 2, "step", mixed)
+    split = [[[True, True]], [[False, True]]]
+    CachePlan(2, 1, "branch", split)
+    with pytest.raises(ValueError, match=r"CachePlan\.compute\[1\]\[0\]: granularity 'block'"):
+        CachePlan(2, 1, "block", split)
+    with pytest.raises(ValueError, match=r"CachePlan\.compute\[0\]\[0\]\[1\]: reuses a cache that no earlier"):
+        CachePlan(1, 1, "branch", [[[True, False]]])
+    with pytest.raises(ValueError, match=r"CachePlan\.gamma\[0\]: must be 0 at a step that computes every"):
+        CachePlan(1, 1, "step", [[[True, True]]], gamma=[0.5])
+
+
+def test_check_matches_names_field():
+    model = make_dit("tiny")
+    plan = FORAConfig().plan(5, len(model.blocks))
+    plan.check_matches(model, 5)
+    with pytest.raises(ValueError, match=r"CachePlan\.steps: plan has 5 steps but sampling runs 6"):
+        plan.check_matches(model, 6)
+    with pytest.raises(ValueError, match=r"CachePlan\.blocks: plan has 3 blocks but the model has 2"):
+        FORAConfig().plan(5, 3).check_matches(model, 5)
+
+
+def test_compute_fraction_counts_flops():
+    flops = {"embed": 10, "final": 10, "block_attn": 30, "block_mlp": 50, "block_modulation": 5}
+    flops["total"] = 20 + 2 * 85
+    assert CachePlan.full(4, 2).compute_fraction(flops) == 1.0
+    plan = FORAConfig(interval=2).plan(4, 2)  # branch level: modulation every step
+    assert plan.compute_fraction(flops) == pytest.approx((4 * 20 + 2 * 2 * 85 + 2 * 2 * 5) / (4 * 190))
