@@ -39,8 +39,11 @@ __all__ = [
     "max_reuse_steps",
     "budget_for_compute_fraction",
     "compute_schedule",
+    "plan_reuse_steps_in_context",
     "fit_gamma",
     "fit_gammas",
+    "fit_gamma2",
+    "fit_gammas2",
     "reuse_error",
     "filter_delta",
 ]
@@ -285,6 +288,101 @@ def plan_reuse_steps(cost: Sequence[float] | Tensor, budget: int, *, warmup: int
     return chosen
 
 
+def plan_reuse_steps_in_context(cost, steps: int, budget: int, *, warmup: int, tail: int,
+                                max_consecutive: int) -> list[int]:
+    """The ``budget`` reuse steps of least total cost when a step's cost depends on where
+    the computed steps before it are: an exact dynamic programme over computed steps.
+
+    Reusing step ``t`` costs ``cost(t, j, p, q)``, with ``j`` the last computed step before
+    ``t``, ``p`` the computed step before ``j`` and ``q`` the one before ``p`` (``None``
+    where there is none): the correction ``R_j + γ1 (R_j - R_p) + γ2 (...)`` at ``t`` is
+    built from exactly those steps, so its error depends on them. Minimises
+    ``Σ_{t reused} cost(t, j_t, p_t, q_t)`` under the constraints of
+    :func:`plan_reuse_steps` (first ``warmup`` and last ``tail`` steps computed, at most
+    ``max_consecutive`` reuse steps in a row).
+
+    Formulation: the computed steps ``c_1 = 0 < c_2 < … < c_n`` (``n = steps - budget``)
+    with gaps ``c_{k+1} - c_k <= M + 1``. State ``(c, k, g1, g2)``: ``c`` the ``k``-th
+    computed step, ``g1 = c - c_prev`` and ``g2`` the gap before that (0 if none).
+    A transition to ``c' = c + g`` adds the cost of the reuse steps ``c+1 … c'-1``
+    (all sourced from ``j = c, p = c - g1, q = c - g1 - g2``); the final state adds
+    the trailing reuse steps (only with ``tail = 0``). ``cost`` is called once per
+    ``(t, j, p, q)`` that the constraints allow (``O(steps · M³)`` calls) and the DP
+    takes ``O(steps · n · M³)`` time. Ties go to the first optimum found in the fixed
+    order of the scan (deterministic).
+
+    Parameters
+    ----------
+    cost
+        ``cost(t, j, p, q) -> float`` (finite).
+    steps, budget, warmup, tail, max_consecutive
+        As in :func:`plan_reuse_steps` (``steps`` the number of sampling steps).
+
+    Returns
+    -------
+    list[int]
+        The reuse steps, ascending.
+    """
+    _check_int("steps", steps, 1)
+    _check_int("budget", budget, 0)
+    _check_int("warmup", warmup, 1)
+    _check_int("tail", tail, 0)
+    _check_int("max_consecutive", max_consecutive, 1)
+    if warmup + tail > steps:
+        raise ValueError(f"warmup + tail must be <= steps = {steps}, got warmup={warmup}, tail={tail}")
+    most = max_reuse_steps(steps, warmup=warmup, tail=tail, max_consecutive=max_consecutive)
+    if budget > most:
+        raise ValueError(f"budget={budget} is infeasible: at most {most} reuse steps fit in steps={steps} "
+                         f"with warmup={warmup}, tail={tail}, max_consecutive={max_consecutive}")
+    m, n, last_free = max_consecutive, steps - budget, steps - tail - 1  # last step that may be reused
+    memo: dict = {}
+
+    def run_cost(c, g1, g2, end):
+        """Cost of reusing ``c+1 … end-1`` after computed ``c`` (gaps ``g1``, ``g2`` before it)."""
+        p = c - g1 if g1 else None
+        q = p - g2 if g1 and g2 else None
+        total = 0.0
+        for t in range(c + 1, end):
+            key = (t, c, p, q)
+            if key not in memo:
+                v = float(cost(t, c, p, q))
+                if not math.isfinite(v):
+                    raise ValueError(f"cost{key} must be finite, got {v!r}")
+                memo[key] = v
+            total += memo[key]
+        return total
+
+    # best[c][(k, g1, g2)] = (value, previous state key or None)
+    best: list[dict] = [dict() for _ in range(steps)]
+    best[0][(1, 0, 0)] = (0.0, None)
+    answer = None
+    for c in range(steps):
+        for (k, g1, g2), (value, _) in sorted(best[c].items()):
+            trailing = steps - 1 - c
+            if k == n and (trailing == 0 or (trailing <= m and c + 1 >= warmup and tail == 0)):
+                total = value + run_cost(c, g1, g2, steps)
+                if answer is None or total < answer[0]:
+                    answer = (total, (c, k, g1, g2))
+            if k == n:
+                continue
+            for g in range(1, m + 2):
+                nxt = c + g
+                if nxt >= steps or (g > 1 and (c + 1 < warmup or nxt - 1 > last_free)):
+                    continue
+                total = value + run_cost(c, g1, g2, nxt)
+                key = (k + 1, g, g1)
+                if key not in best[nxt] or total < best[nxt][key][0]:
+                    best[nxt][key] = (total, (c, k, g1, g2))
+    if answer is None:
+        raise ValueError(f"budget={budget}: no schedule satisfies the constraints")  # guarded above
+    computed, state = [], answer[1]
+    while state is not None:
+        c, k, g1, g2 = state
+        computed.append(c)
+        state = best[c][(k, g1, g2)][1]
+    return [t for t in range(steps) if t not in set(computed)]
+
+
 def budget_for_compute_fraction(steps: int, fraction: float) -> int:
     """Number of reuse steps for a requested compute fraction.
 
@@ -421,6 +519,74 @@ def fit_gammas(residuals: Sequence[Tensor] | Tensor, compute: Sequence[bool] | T
         else:
             j, p = src
             out.append(fit_gamma(res[t], res[j], res[p], per_sample=per_sample, eps=eps))
+    return torch.stack(out)
+
+
+def fit_gamma2(r_true: Tensor, r_j: Tensor, r_p: Tensor, r_q: Tensor | None = None, *,
+               eps: float = EPS) -> Tensor:
+    """Joint least-squares ``(γ1, γ2)`` of the second-order correction.
+
+    The executor forecasts a reused residual from the last three computed ones
+    (``R_j``, ``R_p``, ``R_q``, newest first) as ``R_j + γ1 D1 + γ2 D2`` with
+    ``D1 = R_j - R_p`` and ``D2 = (R_j - R_p) - (R_p - R_q)``, so
+
+    .. math::  (γ_1, γ_2) = \\arg\\min ‖R_{true} - R_j - γ_1 D_1 - γ_2 D_2‖^2
+
+    pooled over the batch: the 2 × 2 normal equations ``G γ = b``
+    (``G = [[⟨D1,D1⟩, ⟨D1,D2⟩], [⟨D1,D2⟩, ⟨D2,D2⟩]]``, ``b = [⟨v,D1⟩, ⟨v,D2⟩]``,
+    ``v = R_true - R_j``) solved in float64. Without ``r_q`` (only two computed steps
+    so far), or where ``D2`` is (numerically) a multiple of ``D1``, ``γ2 = 0`` and ``γ1``
+    is :func:`fit_gamma`; where ``D1 = 0`` both are 0.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[2]``: ``(γ1, γ2)``.
+    """
+    g1 = fit_gamma(r_true, r_j, r_p, eps=eps).double()
+    zero = torch.zeros((), dtype=torch.float64, device=g1.device)
+    if r_q is None:
+        return torch.stack([g1, zero]).float()
+    v = (r_true.double() - r_j.double()).flatten()
+    d1 = (r_j.double() - r_p.double()).flatten()
+    d2 = d1 - (r_p.double() - r_q.double()).flatten()
+    a11, a12, a22 = d1.dot(d1), d1.dot(d2), d2.dot(d2)
+    det = a11 * a22 - a12 * a12
+    if det <= 1e-10 * a11 * a22 or a11 <= eps:  # D2 ∥ D1 (or no drift): first order only
+        return torch.stack([g1, zero]).float()
+    b1, b2 = v.dot(d1), v.dot(d2)
+    return torch.stack([(a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det]).float()
+
+
+def fit_gammas2(residuals: Sequence[Tensor] | Tensor, compute: Sequence[bool] | Tensor, *,
+                eps: float = EPS) -> Tensor:
+    """Per-step ``(γ1, γ2)`` of the second-order correction for a compute schedule.
+
+    For each reuse step ``t``: ``j`` the last computed step before it, ``p`` and ``q`` the
+    two computed steps before ``j``; :func:`fit_gamma2` of ``(R_t, R_j, R_p, R_q)``.
+    Rows are ``(0, 0)`` at computed steps and where there is no ``p``; ``γ2 = 0`` where
+    there is no ``q``. These are the executor's ``gamma``/``gamma2`` (its ``D1``, ``D2``
+    are built from the same computed steps).
+
+    Returns
+    -------
+    Tensor
+        float32 ``[N, 2]`` on the residuals' device.
+    """
+    res = _residual_list(residuals)
+    comp = _compute_list(compute, len(res))
+    out, history = [], []
+    zero = torch.zeros(2, dtype=torch.float32, device=res[0].device)
+    for t, c in enumerate(comp):
+        if c:
+            history.append(t)
+            out.append(zero)
+        elif len(history) < 2:
+            out.append(zero)
+        else:
+            j, p = history[-1], history[-2]
+            q = history[-3] if len(history) > 2 else None
+            out.append(fit_gamma2(res[t], res[j], res[p], None if q is None else res[q], eps=eps))
     return torch.stack(out)
 
 

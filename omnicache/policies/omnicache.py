@@ -1,0 +1,107 @@
+"""OmniCache: reuse placed by the sampling trajectory's geometry, plus cache-noise correction.
+
+Static: a calibration run on the model (:mod:`omnicache.calibrate`) gives per-step costs,
+the exact DP picks the reuse steps, and ``γ_t`` is fitted by least squares; the result
+is a :class:`~omnicache.plan.CachePlan` replayed with zero host syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..plan import CachePlan
+from .common import check_granularity, check_int, check_number
+
+_TRAJECTORIES: dict = {}  # (id(model), steps, sampler, guidance, samples, seed) -> Trajectory
+
+
+@dataclass(frozen=True)
+class OmniCacheConfig:
+    """Args:
+        compute_fraction: share of the uncached steps to compute (the rest are reused).
+        warmup, tail: first / last steps always computed.
+        max_consecutive: most reuse steps in a row.
+        correction: correct the reused residual for the cache noise (else plain reuse).
+        order: the correction's order: 1 adds ``γ1 D1`` (``D1 = R_j - R_p``), 2 also
+            ``γ2 D2`` (``D2`` the second difference); ``(γ1, γ2)`` fitted jointly.
+        filtering: filter the drifts ``D1``, ``D2`` over the token grid once per full step
+            (low-pass early, high-pass late) before the correction uses them.
+        selection: ``"error"`` (the error a reuse injects under the chosen correction, in
+            its schedule context) or ``"curvature"`` (trajectory turning angle) as the DP's cost.
+        pca: with ``selection="curvature"``, measure the angle in the top-3 PCA space.
+        granularity: ``"step"`` (one residual for the block stack) or ``"block"``.
+        calibration_samples, calibration_seed: the calibration batch (classes in turn).
+        plan_path: a saved plan to use instead of calibrating.
+    """
+
+    compute_fraction: float = 0.5
+    warmup: int = 2
+    tail: int = 1
+    max_consecutive: int = 2
+    correction: bool = True
+    order: int = 2
+    filtering: bool = False
+    selection: str = "error"
+    pca: bool = False
+    granularity: str = "step"
+    calibration_samples: int = 10
+    calibration_seed: int = 1234
+    plan_path: str | None = None
+    kind: ClassVar[str] = "static"
+
+    def __post_init__(self):
+        check_number(self, "compute_fraction", 1e-9, 1.0)
+        check_int(self, "warmup", 1)
+        check_int(self, "tail", 0)
+        check_int(self, "max_consecutive", 1)
+        check_int(self, "calibration_samples", 1)
+        if isinstance(self.order, bool) or self.order not in (1, 2):
+            raise ValueError(f"OmniCacheConfig.order must be 1 or 2, got {self.order!r}")
+        for name in ("correction", "filtering", "pca"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"OmniCacheConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.filtering and not self.correction:
+            raise ValueError("OmniCacheConfig.filtering filters the correction's drifts: it needs correction=True")
+        check_granularity(self, None, allowed=("step", "block"))
+        if self.selection not in ("error", "curvature"):
+            raise ValueError(f"OmniCacheConfig.selection must be 'error' or 'curvature', got {self.selection!r}")
+
+    def plan(self, steps: int, blocks: int, granularity: str | None = None) -> CachePlan:
+        """The saved plan (``plan_path``); without one, use :meth:`calibrate`."""
+        if self.plan_path is None:
+            raise ValueError("OmniCacheConfig.plan_path is None: calibrate on a model first "
+                             "(generate() and the executor do this themselves)")
+        plan = CachePlan.load(self.plan_path)
+        if plan.steps != steps or plan.blocks != blocks:
+            raise ValueError(f"OmniCacheConfig.plan_path: plan is for {plan.steps} steps x {plan.blocks} "
+                             f"blocks, the run has {steps} x {blocks}")
+        return plan
+
+    def calibrate(self, model, *, steps: int, sampler="flow", guidance: float = 1.0,
+                  granularity: str | None = None, progress: bool = False) -> CachePlan:
+        """Calibrate on ``model`` (one uncached run of the calibration batch, cached per model
+        and setting) and return the plan."""
+        import torch
+
+        from .. import calibrate
+
+        if self.plan_path is not None:
+            return self.plan(steps, len(model.blocks))
+        key = (id(model), steps, sampler if isinstance(sampler, str) else id(sampler), float(guidance),
+               self.calibration_samples, self.calibration_seed)
+        traj = _TRAJECTORIES.get(key)
+        if traj is None:
+            device = next(model.parameters()).device
+            labels = torch.arange(self.calibration_samples, device=device) % model.config.num_classes
+            traj = calibrate.record(model, labels, steps=steps, sampler=sampler, guidance=guidance,
+                                    seed=self.calibration_seed, progress=progress)
+            _TRAJECTORIES.clear()  # keep one trajectory: they hold every step's residuals
+            _TRAJECTORIES[key] = traj
+        return calibrate.build_plan(
+            traj, blocks=len(model.blocks), compute_fraction=self.compute_fraction, warmup=self.warmup,
+            tail=self.tail, max_consecutive=self.max_consecutive, order=self.order if self.correction else 0,
+            selection=self.selection, pca=self.pca, filtering=self.filtering, granularity=self.granularity,
+            meta=dict(sampler=sampler if isinstance(sampler, str) else type(sampler).__name__,
+                      guidance=float(guidance), calibration_samples=self.calibration_samples,
+                      calibration_seed=self.calibration_seed))
