@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set-up, then the op benchmark on this machine's device (CUDA if
-# present, else CPU), which writes its JSON to benchmarks/results/.
+# The main job: set-up, then `omnicache demo` on the embedded default model: every
+# policy at its default against uncached sampling, on this machine's CPU (or GPU with
+# --device cuda). Writes out/demo/samples.png and out/demo/demo.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh
-exec .venv/bin/python benchmarks/bench_ops.py "$@"
+exec .venv/bin/omnicache demo "$@"
