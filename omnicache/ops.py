@@ -12,8 +12,9 @@ The functions below are what engines call. Each picks a backend:
 - ``cuda``: the CUDA kernels (CUDA tensors; present when built against a CUDA torch);
 - ``triton``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
 - ``torch``: :mod:`omnicache.reference`, the pure-torch specification;
-- ``auto`` (default): ``cpu`` on CPU tensors; on CUDA tensors ``cuda`` if built, else
-  ``triton``.
+- ``auto`` (default): ``cpu`` on CPU tensors; on CUDA tensors the backend measured
+  faster for the op and size on this device (``omnicache/data/auto_backend.json``,
+  written by ``benchmarks/auto_backend.py``), else ``cuda`` if built, else ``triton``.
 
 ``set_backend`` or the environment variable ``OMNICACHE_BACKEND`` chooses; a backend
 that is not built or cannot run here is an error that names it, never a silent
@@ -221,14 +222,32 @@ def get_backend() -> str:
     return _backend
 
 
-def _resolve(device: torch.device) -> str:
-    """The backend that runs on ``device`` under the current choice."""
-    kind = device.type
+@functools.cache
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _auto_cuda(op: str, t: Tensor) -> str:
+    """``auto`` on CUDA: the backend measured faster for this op and size on this device
+    (``omnicache/data/auto_backend.json``, see :mod:`omnicache.backend_table`), else
+    ``cuda`` if built, else ``triton``."""
+    from . import backend_table
+
+    name = _cuda_device_name(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    choice = backend_table.choose(op, t.numel(), name)
+    if choice is not None and _unavailable(choice) is None:
+        return choice
+    return "cuda" if cuda_kernels_built() else "triton"
+
+
+def _resolve(op: str, t: Tensor) -> str:
+    """The backend that runs ``op`` with first argument ``t`` under the current choice."""
+    kind = t.device.type
     if _backend == "auto":
         if kind == "cpu":
             return "cpu"
         if kind == "cuda":
-            return "cuda" if cuda_kernels_built() else "triton"
+            return _auto_cuda(op, t)
         return "torch"
     if _backend in ("cpu", "cuda") and kind != _backend:
         raise ValueError(f"omnicache: backend {_backend!r} cannot run on {kind} tensors")
@@ -254,7 +273,7 @@ def apply_residual_(hidden: Tensor, residual: Tensor, correction: Tensor | None 
     Bytes moved: 4N·s with a correction (3 reads, 1 write), 3N·s without, for N
     elements of s bytes.
     """
-    _impls(_resolve(hidden.device)).apply_residual_(hidden, residual, correction, gamma)
+    _impls(_resolve("apply_residual_", hidden)).apply_residual_(hidden, residual, correction, gamma)
 
 
 def store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor) -> Tensor:
@@ -272,7 +291,7 @@ def store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tenso
 
     Bytes moved: 5N·s with ``delta`` (3 reads, 2 writes), 4N·s without.
     """
-    return _impls(_resolve(cache.device)).store_residual_(cache, delta, out, inp)
+    return _impls(_resolve("store_residual_", cache)).store_residual_(cache, delta, out, inp)
 
 
 def trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
@@ -287,7 +306,7 @@ def trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
 
     Bytes moved: 3N·s.
     """
-    return _impls(_resolve(x_next.device)).trajectory_stats(x_next, x, x_prev)
+    return _impls(_resolve("trajectory_stats", x_next)).trajectory_stats(x_next, x, x_prev)
 
 
 def rel_l1(a: Tensor, b: Tensor) -> Tensor:
@@ -298,7 +317,7 @@ def rel_l1(a: Tensor, b: Tensor) -> Tensor:
 
     Bytes moved: 2N·s.
     """
-    return _impls(_resolve(a.device)).rel_l1(a, b)
+    return _impls(_resolve("rel_l1", a)).rel_l1(a, b)
 
 
 try:
