@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from .. import ops
+from .. import ops, schedule
 from ..plan import CachePlan
 from .samplers import cfg_batch, cfg_combine, cfg_labels, make_sampler
 
@@ -170,7 +170,8 @@ class CacheExecutor:
     def cache_bytes(self) -> int:
         """Bytes held across steps: cache buffers, plus a dynamic policy's reference signal."""
         ref = self._ref.nbytes if self.decider is not None and self._ref is not None else 0
-        return ref + sum(t.nbytes for unit in self._cache.values() for t in unit if t is not None)
+        units = list(self._cache.values()) + list(getattr(self, "_filtered", {}).values())
+        return ref + sum(t.nbytes for unit in units for t in unit if t is not None)
 
     def _prepare_static(self):
         """Turn the plan into per-step action lists and allocate only the buffers it reads."""
@@ -198,6 +199,23 @@ class CacheExecutor:
         # gamma as preallocated float32 device scalars (apply_residual_ reads them on device)
         g = torch.tensor(plan.gamma, dtype=torch.float32, device=self.device)
         self._gamma = [g[i] for i in range(self.steps)]
+        self._filter, self._filtered = self._filter_setting(plan, order), {}
+        if self._filter is not None:  # the filtered drifts that reuse steps read
+            self._filtered = {u: (self._zeros(), self._zeros() if order >= 2 else None) for u in self._cache}
+
+    def _filter_setting(self, plan, order):
+        """``plan.meta["filter"]`` (stage-aware filtering of D1/D2 over the token grid), checked."""
+        setting = plan.meta.get("filter")
+        if setting is None or order == 0:
+            return None
+        if plan.granularity == "branch":
+            raise ValueError("CachePlan.meta.filter: filtering needs granularity 'step' or 'block'")
+        setting = dict(setting)
+        grid = tuple(setting.pop("grid", ()))
+        if len(grid) != 2 or grid[0] * grid[1] != self.hidden_shape[1]:
+            raise ValueError(f"CachePlan.meta.filter.grid: must be [H, W] with H * W = {self.hidden_shape[1]} "
+                             f"tokens, got {list(grid)}")
+        return grid, setting
 
     def _prepare_dynamic(self):
         self.granularity = "step"
@@ -249,12 +267,14 @@ class CacheExecutor:
                 for blk in self.blocks[lo:hi]:
                     h = blk(h, c)
                 if acts[u] == STORE:
-                    stats.append(self._store_residual(u, h, inp))
+                    stats.append(self._store_residual(i, u, h, inp))
         return self._finish(i, x, h, c), tuple(stats)
 
     def _reuse_residual(self, i, u, h):
-        """``h += F + gamma * D1 + gamma2 * D2`` in place."""
+        """``h += F + gamma * D1 + gamma2 * D2`` in place (D1, D2 filtered if the plan filters)."""
         F, D1, D2 = self._cache[u]
+        if self._filter is not None:
+            D1, D2 = self._filtered[u]
         if self.plan.gamma[i]:
             ops.apply_residual_(h, F, D1, self._gamma[i])
         else:
@@ -262,14 +282,23 @@ class CacheExecutor:
         if self.plan.gamma2[i]:
             h.add_(D2, alpha=self.plan.gamma2[i])
 
-    def _store_residual(self, u, out, inp):
+    def _store_residual(self, i, u, out, inp):
         """``F = out - inp``; ``D1 = F_new - F_old``; ``D2 = D1_new - D1_old``; returns [rows, 4] stats."""
         F, D1, D2 = self._cache[u]
         if D2 is not None:
-            torch.neg(D1, out=D2)
+            # D2 holds D1_old across the store: nothing reads D1's old value after the op
+            # writes D1 (inductor in torch 2.13 mis-orders `neg(D1, out=D2); op(D1!);
+            # D2 += D1`, see tests/test_nosync.py::test_inductor_order2_store).
+            D2.copy_(D1)
         stats = ops.store_residual_(F, D1, out, inp)
         if D2 is not None:
-            D2.add_(D1)
+            torch.sub(D1, D2, out=D2)
+        if self._filter is not None:  # once per full step; D1/D2 stay raw for the next differences
+            grid, setting = self._filter
+            progress = i / max(self.steps - 1, 1)
+            for raw, filtered in zip((D1, D2), self._filtered[u]):
+                if filtered is not None:
+                    filtered.copy_(schedule.filter_delta(raw, grid, progress, **setting))
         return stats
 
     def _branch(self, i, u, act, h, mod, gate, branch):
