@@ -40,6 +40,8 @@ def test_store_residual_rounds_like_torch(cpu_backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_inputs_widen_exactly(cpu_backend, dtype):
     """Every finite bit pattern of the dtype reads back unchanged (residual of zeros)."""
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter's bf16 emulation flushes subnormals (and truncates)")
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     values = bits.view(dtype)
     values = values[values.isfinite()].reshape(1, -1)
