@@ -28,7 +28,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import omnicache.
   echo "omnicache: building (torch stays outside build isolation)"
   "$PY" -m pip install -q setuptools wheel ninja pybind11
   # Build output (e.g. "building without CUDA kernels (...)") goes to the log.
-  if ! "$PY" -m pip install --no-build-isolation -v -e ".[test]" > .venv/build.log 2>&1; then
+  if ! "$PY" -m pip install --no-build-isolation -v -e ".[test,diffusers]" > .venv/build.log 2>&1; then
     tail -40 .venv/build.log
     echo "omnicache: build failed; full log in .venv/build.log" >&2
     exit 1

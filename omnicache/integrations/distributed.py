@@ -1,0 +1,22 @@
+"""Sequence parallelism: make every rank take the same dynamic caching decision.
+
+When the token sequence is sharded across ranks (diffusers' context parallelism, xDiT,
+Ulysses/ring attention), each rank sees only its shard of the signal a dynamic policy
+compares. The relative L1 ``Σ|s - s_ref| / Σ|s_ref|`` is a ratio of two sums over
+tokens, so summing both sums over the group (``all_reduce``, SUM) gives every rank the
+value of the unsharded run, hence the same decision and the same output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_reduce_sums"]
+
+
+def all_reduce_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``sums`` (any shape, float32) over the ranks of ``group`` in place and return it
+    (``group=torch.distributed.group.WORLD`` for every rank)."""
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return sums
