@@ -45,6 +45,7 @@ def test_eval_writes_json_with_the_uncached_row(tmp_path, capsys):
     keys = {"policy", "config", "compute_fraction", "tflops", "wall_s", "speedup", "psnr", "ssim", "class_acc"}
     assert all(keys <= set(r) for r in rows)
     assert rows[0]["compute_fraction"] == 1.0 and rows[1]["compute_fraction"] < 1.0
+    assert rows[0]["class_acc"] == 1.0  # uncached digits are recognised (classifier input range)
     assert rows[1]["config"]["interval"] == 2
     assert "fora(interval=2)" in capsys.readouterr().out
 
