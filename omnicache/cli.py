@@ -26,6 +26,9 @@ def _bench(args, labels):
     from .evaluate import Bench
     from .runtime.default import load_classifier, load_default
 
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = load_default(device=args.device)
     classifier = load_classifier(device=args.device)
@@ -141,6 +144,9 @@ def _add_run_args(p) -> None:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per policy; the fastest counts")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    # The default model is tiny: intra-op threads gain little, and one thread keeps the
+    # timings stable when other processes share the cores (no OpenMP spin-waits).
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

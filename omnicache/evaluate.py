@@ -19,7 +19,7 @@ import torch
 from . import metrics
 from .api import generate
 from .policies import (CachePlan, DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, NoCacheConfig,
-                       TaylorSeerConfig, TeaCacheConfig, fit_teacache_coefficients)
+                       OmniCacheConfig, TaylorSeerConfig, TeaCacheConfig, fit_teacache_coefficients)
 from .runtime.samplers import make_sampler
 
 POLICIES: dict[str, type] = {
@@ -29,6 +29,7 @@ POLICIES: dict[str, type] = {
     "teacache": TeaCacheConfig,
     "fbcache": FirstBlockCacheConfig,
     "taylorseer": TaylorSeerConfig,
+    "omnicache": OmniCacheConfig,
 }
 
 # The setting that trades quality for compute, per policy: (field, kind, lower, upper).
@@ -39,6 +40,7 @@ KNOBS: dict[str, tuple[str, str, float, float]] = {
     "taylorseer": ("interval", "int", 1, 12),
     "teacache": ("threshold", "float", 0.0, 4.0),
     "fbcache": ("threshold", "float", 0.0, 2.0),
+    "omnicache": ("compute_fraction", "exact", 0.0, 1.0),  # takes the target itself
 }
 
 
@@ -184,6 +186,8 @@ def tune_to_fraction(bench: Bench, name: str, target: float, sets=(), tolerance:
         raise ValueError(f"policy {name!r} has no compute knob; drop --compute-fraction")
     field, kind, lo, hi = KNOBS[name]
     base = make_config(name, sets)
+    if kind == "exact":
+        return dataclasses.replace(base, **{field: target})
 
     def with_knob(v):
         return dataclasses.replace(base, **{field: int(v) if kind == "int" else v})
@@ -211,7 +215,7 @@ def tune_to_fraction(bench: Bench, name: str, target: float, sets=(), tolerance:
     return best[1]
 
 
-COLUMNS = [("policy", "{:<28s}"), ("compute_fraction", "{:>8.3f}"), ("tflops", "{:>8.4f}"),
+COLUMNS = [("policy", "{:<32s}"), ("compute_fraction", "{:>8.3f}"), ("tflops", "{:>8.4f}"),
            ("wall_s", "{:>7.2f}"), ("speedup", "{:>7.2f}"), ("ideal_speedup", "{:>6.2f}"),
            ("psnr", "{:>6.2f}"), ("ssim", "{:>6.4f}"), ("class_acc", "{:>6.3f}")]
 HEADERS = ["policy", "compute", "TFLOPs", "wall s", "speedup", "ideal", "PSNR", "SSIM", "acc"]
