@@ -59,7 +59,7 @@ def test_eval_tunes_a_dynamic_threshold_to_the_compute_fraction(tmp_path):
 
 
 def test_demo_writes_grid_and_table(tmp_path, capsys):
-    assert main(["demo", "--steps", "4", "--samples", "3", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--steps", "8", "--samples", "3", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "demo.json").read_text())
     names = [r["policy"].split("(")[0] for r in data["results"]]
     assert names == ["uncached", "fora", "delta-dit", "teacache", "fbcache", "taylorseer", "omnicache"]
