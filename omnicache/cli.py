@@ -2,6 +2,7 @@
 
     omnicache demo [--out DIR]                 the main job: every policy vs uncached, on the embedded model
     omnicache eval --policy NAME [...]         measure chosen policies the same way, to JSON
+    omnicache calibrate --policy omnicache --compute-fraction F --out plan.json
     omnicache train-default [...]              train the embedded default model and classifier
 """
 
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tune each policy's knob to this compute fraction")
     ev.add_argument("--json", default=None, help="write the results here")
     sub.add_parser("train-default", help="train the embedded DiT and classifier (see --help)", add_help=False)
+    sub.add_parser("calibrate", help="calibrate an OmniCache plan on the embedded model (see --help)",
+                   add_help=False)
     return parser
 
 
@@ -175,6 +178,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     if argv[:1] == ["train-default"]:
         return cmd_train_default(None, argv[1:])
+    if argv[:1] == ["calibrate"]:
+        from . import calibrate
+
+        return calibrate.main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return {"demo": cmd_demo, "eval": cmd_eval}[args.command](args)

@@ -1,8 +1,9 @@
 """OmniCache: reuse placed by the sampling trajectory's geometry, plus cache-noise correction.
 
-Static: a calibration run on the model (:mod:`omnicache.calibrate`) gives per-step costs,
-the exact DP picks the reuse steps, and ``γ_t`` is fitted by least squares; the result
-is a :class:`~omnicache.plan.CachePlan` replayed with zero host syncs.
+Static: a calibration run on the model (:mod:`omnicache.calibrate`) costs every possible
+reuse by the error it injects under the chosen correction, the exact DP picks the reuse
+steps, and ``(γ1, γ2)`` are fitted by least squares on the cached calibration run; the
+result is a :class:`~omnicache.plan.CachePlan` replayed with zero host syncs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from typing import ClassVar
 from ..plan import CachePlan
 from .common import check_granularity, check_int, check_number
 
-_TRAJECTORIES: dict = {}  # (id(model), steps, sampler, guidance, samples, seed) -> Trajectory
+# (id(model), steps, sampler, guidance, samples, seed) -> Trajectory; the trajectory holds a
+# reference to the model, so the id stays that model's while the entry lives.
+_TRAJECTORIES: dict = {}
+_PLANS: dict = {}  # (trajectory key, config, granularity) -> CachePlan
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,16 @@ class OmniCacheConfig:
             ``γ2 D2`` (``D2`` the second difference); ``(γ1, γ2)`` fitted jointly.
         filtering: filter the drifts ``D1``, ``D2`` over the token grid once per full step
             (low-pass early, high-pass late) before the correction uses them.
-        selection: ``"error"`` (the error a reuse injects under the chosen correction, in
-            its schedule context) or ``"curvature"`` (trajectory turning angle) as the DP's cost.
+        selection: the DP's cost: ``"error"`` (the error a reuse injects under the chosen
+            correction, in its schedule context) or ``"curvature"`` (trajectory turning
+            angle); ``"uniform"`` spreads the reuse steps evenly instead (an ablation).
+        fit: ``"closed"`` fits γ on the cached calibration run, step by step, so that each
+            reuse step also removes the noise earlier ones left; ``"open"`` fits each step
+            on the uncached residuals alone (an ablation; no filtering).
         pca: with ``selection="curvature"``, measure the angle in the top-3 PCA space.
+        search: also run the DP under tighter constraints (shorter runs, a longer tail)
+            and keep the schedule whose replay on a held-out half of the calibration
+            batch ends closest to uncached.
         granularity: ``"step"`` (one residual for the block stack) or ``"block"``.
         calibration_samples, calibration_seed: the calibration batch (classes in turn).
         plan_path: a saved plan to use instead of calibrating.
@@ -38,14 +49,16 @@ class OmniCacheConfig:
     compute_fraction: float = 0.5
     warmup: int = 2
     tail: int = 1
-    max_consecutive: int = 2
+    max_consecutive: int = 4
     correction: bool = True
     order: int = 2
     filtering: bool = False
     selection: str = "error"
     pca: bool = False
+    search: bool = True
+    fit: str = "closed"
     granularity: str = "step"
-    calibration_samples: int = 10
+    calibration_samples: int = 20
     calibration_seed: int = 1234
     plan_path: str | None = None
     kind: ClassVar[str] = "static"
@@ -56,16 +69,28 @@ class OmniCacheConfig:
         check_int(self, "tail", 0)
         check_int(self, "max_consecutive", 1)
         check_int(self, "calibration_samples", 1)
+        check_int(self, "calibration_seed", 0)
         if isinstance(self.order, bool) or self.order not in (1, 2):
             raise ValueError(f"OmniCacheConfig.order must be 1 or 2, got {self.order!r}")
-        for name in ("correction", "filtering", "pca"):
+        for name in ("correction", "filtering", "pca", "search"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"OmniCacheConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.filtering and not self.correction:
             raise ValueError("OmniCacheConfig.filtering filters the correction's drifts: it needs correction=True")
         check_granularity(self, None, allowed=("step", "block"))
-        if self.selection not in ("error", "curvature"):
-            raise ValueError(f"OmniCacheConfig.selection must be 'error' or 'curvature', got {self.selection!r}")
+        if self.selection not in ("error", "curvature", "uniform"):
+            raise ValueError(f"OmniCacheConfig.selection must be 'error', 'curvature' or 'uniform', "
+                             f"got {self.selection!r}")
+        if self.fit not in ("closed", "open"):
+            raise ValueError(f"OmniCacheConfig.fit must be 'closed' or 'open', got {self.fit!r}")
+        if self.fit == "open" and self.filtering:
+            raise ValueError("OmniCacheConfig.fit='open' fits unfiltered residuals: it cannot be combined "
+                             "with filtering=True")
+        if self.search and self.calibration_samples < 2:
+            raise ValueError("OmniCacheConfig.calibration_samples must be >= 2 with search=True "
+                             "(half the batch fits, half scores)")
+        if self.plan_path is not None and not isinstance(self.plan_path, str):
+            raise ValueError(f"OmniCacheConfig.plan_path must be a path string or None, got {self.plan_path!r}")
 
     def plan(self, steps: int, blocks: int, granularity: str | None = None) -> CachePlan:
         """The saved plan (``plan_path``); without one, use :meth:`calibrate`."""
@@ -81,13 +106,14 @@ class OmniCacheConfig:
     def calibrate(self, model, *, steps: int, sampler="flow", guidance: float = 1.0,
                   granularity: str | None = None, progress: bool = False) -> CachePlan:
         """Calibrate on ``model`` (one uncached run of the calibration batch, cached per model
-        and setting) and return the plan."""
+        and setting, as are the plans built from it) and return the plan."""
         import torch
 
         from .. import calibrate
 
         if self.plan_path is not None:
             return self.plan(steps, len(model.blocks))
+        g = check_granularity(self, granularity, allowed=("step", "block"))
         key = (id(model), steps, sampler if isinstance(sampler, str) else id(sampler), float(guidance),
                self.calibration_samples, self.calibration_seed)
         traj = _TRAJECTORIES.get(key)
@@ -97,11 +123,16 @@ class OmniCacheConfig:
             traj = calibrate.record(model, labels, steps=steps, sampler=sampler, guidance=guidance,
                                     seed=self.calibration_seed, progress=progress)
             _TRAJECTORIES.clear()  # keep one trajectory: they hold every step's residuals
+            _PLANS.clear()
             _TRAJECTORIES[key] = traj
-        return calibrate.build_plan(
-            traj, blocks=len(model.blocks), compute_fraction=self.compute_fraction, warmup=self.warmup,
-            tail=self.tail, max_consecutive=self.max_consecutive, order=self.order if self.correction else 0,
-            selection=self.selection, pca=self.pca, filtering=self.filtering, granularity=self.granularity,
-            meta=dict(sampler=sampler if isinstance(sampler, str) else type(sampler).__name__,
-                      guidance=float(guidance), calibration_samples=self.calibration_samples,
-                      calibration_seed=self.calibration_seed))
+        plan_key = (key, self, g)
+        if plan_key not in _PLANS:
+            _PLANS[plan_key] = calibrate.build_plan(
+                model, traj, compute_fraction=self.compute_fraction, warmup=self.warmup, tail=self.tail,
+                max_consecutive=self.max_consecutive, order=self.order if self.correction else 0,
+                selection=self.selection, pca=self.pca, filtering=self.filtering, search=self.search, fit=self.fit,
+                granularity=g,
+                meta=dict(sampler=sampler if isinstance(sampler, str) else type(sampler).__name__,
+                          guidance=float(guidance), calibration_samples=self.calibration_samples,
+                          calibration_seed=self.calibration_seed))
+        return _PLANS[plan_key]

@@ -1,0 +1,363 @@
+"""OmniCache against the caching baselines at equal compute, on the embedded default model.
+
+    OMP_NUM_THREADS=1 python benchmarks/compare.py            # ~20 min on one CPU thread
+    python benchmarks/compare.py --quick                      # a smoke run (few samples, one target)
+
+For each sampler (rectified-flow Euler and DDIM, 50 steps, guidance = the model's) and
+each target compute fraction (0.6, 0.5, 0.4), every method is measured on the same 64
+samples (classes in turn, noise seed 0) against uncached sampling: PSNR, SSIM, class
+accuracy of the digit classifier, TFLOPs spent, measured wall time and speedup (uncached
+wall / cached wall, same process, one thread).
+
+How each method reaches a target:
+
+- static baselines (FORA, Δ-DiT, TaylorSeer order 1 and 2): every (interval, warm-up)
+  setting (Δ-DiT also its group size) whose exact compute fraction is within ±0.03 of
+  the target is tried on a *tuning* batch (16 samples, noise seed 2000), and the best
+  PSNR there is measured on the evaluation batch; with none inside ±0.03, the nearest
+  fraction. The reported fraction is the actual one.
+- dynamic baselines (TeaCache, FirstBlockCache): the threshold is bisected with
+  ``omnicache.evaluate.tune_to_fraction`` (stopping within ±0.03) on the evaluation batch,
+  which is the only way to know their fraction; TeaCache's polynomial is fitted on a
+  calibration batch that is not the evaluation batch (``Bench.fit_teacache``).
+- OmniCache: ``OmniCacheConfig(compute_fraction=target)`` calibrated on its own batch
+  (20 samples, noise seed 1234), in three forms: reuse only (DP schedule, no
+  correction), + correction (the default), + filtering. More ablation rows (uniform
+  schedule, curvature cost, first order, open-loop γ) at 0.5 and 0.4.
+
+Writes ``benchmarks/results/omnicache-comparison.{json,md,png}`` and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import math
+import pathlib
+import platform
+import sys
+import time
+
+import torch
+
+from omnicache import metrics
+from omnicache.api import generate
+from omnicache.evaluate import Bench, format_table, public_row, tune_to_fraction
+from omnicache.policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, OmniCacheConfig,
+                                TaylorSeerConfig, TeaCacheConfig)
+from omnicache.runtime.default import load_classifier, load_default
+
+TARGETS = (0.6, 0.5, 0.4)
+SAMPLERS = ("flow", "ddim")
+TOLERANCE = 0.03
+TUNE_SAMPLES, TUNE_SEED = 16, 2000
+
+# OmniCache forms: (row label, config fields); the first three are the main table.
+OMNI_MAIN = [("OmniCache reuse only", dict(correction=False)),
+             ("OmniCache + correction", dict()),
+             ("OmniCache + correction + filtering", dict(filtering=True))]
+OMNI_ABLATION = [("ablation: uniform schedule", dict(selection="uniform")),
+                 ("ablation: curvature cost", dict(selection="curvature")),
+                 ("ablation: first order", dict(order=1)),
+                 ("ablation: open-loop gamma", dict(fit="open"))]
+ABLATION_TARGETS = (0.5, 0.4)
+
+
+class MemoBench(Bench):
+    """A :class:`Bench` that runs each config once: the threshold search's runs are the
+    measured ones."""
+
+    def __post_init__(self):
+        self._memo = {}
+        super().__post_init__()
+
+    def _run(self, policy):
+        key = "uncached" if policy is None else policy
+        if key not in self._memo:
+            self._memo[key] = super()._run(policy)
+        return self._memo[key]
+
+    def compute_fraction(self, config) -> float:
+        if getattr(config, "kind", "static") == "dynamic":
+            return self._run(config).summary.compute_fraction
+        return config.plan(self.steps, len(self.model.blocks)).compute_fraction(self.model.flops_per_sample())
+
+
+# ------------------------------------------------------------------ baselines
+def static_candidates(name: str):
+    """Every setting of a static baseline that the search may pick."""
+    for interval, warmup in itertools.product(range(2, 13), range(0, 11)):
+        if name == "fora":
+            yield FORAConfig(interval=interval, warmup=warmup)
+        elif name == "delta-dit":
+            for group in (4, 6, 8):
+                yield DeltaDiTConfig(interval=interval, warmup=warmup, group_size=group)
+        elif name == "taylorseer-o1":
+            yield TaylorSeerConfig(interval=interval, order=1, warmup=warmup)
+        elif name == "taylorseer-o2":
+            yield TaylorSeerConfig(interval=interval, order=2, warmup=warmup)
+
+
+def tune_static(bench: MemoBench, tune_ref, tune_labels, name: str, target: float):
+    """The static setting near ``target`` that is best on the tuning batch (see the module doc)."""
+    flops = bench.model.flops_per_sample()
+    depth = len(bench.model.blocks)
+    scored = [(abs(c.plan(bench.steps, depth).compute_fraction(flops) - target), c) for c in static_candidates(name)]
+    inside = [c for d, c in scored if d <= TOLERANCE]
+    if not inside:
+        return min(scored, key=lambda dc: dc[0])[1], 0
+    best, best_psnr = None, -math.inf
+    for config in inside:
+        out = generate(bench.model, tune_labels, policy=config, steps=bench.steps, sampler=bench.sampler,
+                       guidance=bench.guidance, seed=TUNE_SEED)
+        p = float(metrics.psnr(out.samples, tune_ref).mean())
+        if p > best_psnr:
+            best, best_psnr = config, p
+    return best, len(inside)
+
+
+def label(name: str, config) -> str:
+    if isinstance(config, (FORAConfig, TaylorSeerConfig)):
+        return f"{name}(N={config.interval},w={config.warmup})"
+    if isinstance(config, DeltaDiTConfig):
+        return f"{name}(N={config.interval},w={config.warmup},g={config.group_size})"
+    if isinstance(config, (TeaCacheConfig, FirstBlockCacheConfig)):
+        return f"{name}(thr={config.threshold:.4g})"
+    return name
+
+
+def row_of(bench, method: str, target: float, config, **extra) -> dict:
+    row = bench.measure(config)
+    row.update(method=method, target=target, policy=label(method, config), **extra)
+    return row
+
+
+# --------------------------------------------------------------------- report
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| target | method | setting | compute | TFLOPs | PSNR (dB) | SSIM | class acc | speedup | ideal |\n"
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        psnr = "∞" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f}"
+        lines.append(f"| {r['target']:.1f} | {r['method']} | {r['policy']} | {r['compute_fraction']:.3f} | "
+                     f"{r['tflops']:.4f} | {psnr} | {r['ssim']:.4f} | {r['class_acc']:.3f} | "
+                     f"{r['speedup']:.2f} | {r['ideal_speedup']:.2f} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows_by_sampler: dict) -> tuple[list[dict], str]:
+    """Per sampler and target: OmniCache + correction against the best baseline; and a
+    paragraph that says where it wins or loses, from these numbers."""
+    out, text = [], []
+    for sampler, rows in rows_by_sampler.items():
+        ref_acc = next(r["class_acc"] for r in rows if r["method"] == "uncached")
+        for target in TARGETS:
+            at = [r for r in rows if r["target"] == target]
+            omni = next((r for r in at if r["method"] == "OmniCache + correction"), None)
+            base = [r for r in at if r["kind"] == "baseline"]
+            if omni is None or not base:
+                continue
+            best = max(base, key=lambda r: r["psnr"])
+            parts = {r["method"]: r for r in at if r["kind"] == "omnicache"}
+            out.append(dict(sampler=sampler, target=target, omnicache_psnr=omni["psnr"],
+                            omnicache_fraction=omni["compute_fraction"], best_baseline=best["policy"],
+                            best_baseline_psnr=best["psnr"], best_baseline_fraction=best["compute_fraction"],
+                            margin_db=omni["psnr"] - best["psnr"], class_acc_drop=ref_acc - omni["class_acc"],
+                            met=omni["psnr"] >= best["psnr"] + 1.0 and ref_acc - omni["class_acc"] <= 0.02,
+                            reuse_only_psnr=parts.get("OmniCache reuse only", {}).get("psnr"),
+                            filtering_psnr=parts.get("OmniCache + correction + filtering", {}).get("psnr")))
+    for v in out:
+        verb = "wins" if v["margin_db"] >= 1.0 else ("is ahead by less than 1 dB" if v["margin_db"] > 0 else "loses")
+        text.append(f"{v['sampler']} at {v['target']:.1f}: OmniCache {v['omnicache_psnr']:.2f} dB at "
+                    f"{v['omnicache_fraction']:.3f} vs {v['best_baseline']} {v['best_baseline_psnr']:.2f} dB at "
+                    f"{v['best_baseline_fraction']:.3f}: {verb} ({v['margin_db']:+.2f} dB; class accuracy "
+                    f"{-v['class_acc_drop'] * 100:+.1f} points vs uncached).")
+    return out, " ".join(text)
+
+
+def ablation_summary(rows_by_sampler: dict) -> str:
+    """What each part contributes, from the measured rows (PSNR differences at equal compute)."""
+    lines = []
+    for sampler, rows in rows_by_sampler.items():
+        for target in ABLATION_TARGETS:
+            at = {r["method"]: r["psnr"] for r in rows if r["target"] == target and r["kind"] == "omnicache"}
+            full = at.get("OmniCache + correction")
+            if full is None:
+                continue
+            parts = []
+            for method, what in (("OmniCache reuse only", "the correction"),
+                                 ("ablation: uniform schedule", "the DP schedule (vs uniform)"),
+                                 ("ablation: curvature cost", "the error cost (vs curvature)"),
+                                 ("ablation: first order", "the second order"),
+                                 ("ablation: open-loop gamma", "the closed-loop fit (vs open loop)")):
+                if method in at:
+                    parts.append(f"{what} {full - at[method]:+.2f} dB")
+            if "OmniCache + correction + filtering" in at:
+                parts.append(f"filtering {at['OmniCache + correction + filtering'] - full:+.2f} dB")
+            lines.append(f"- {sampler}, {target:.1f}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def pareto_plot(rows_by_sampler: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = []
+    for rows in rows_by_sampler.values():
+        for r in rows:
+            if r["method"] not in methods and r["method"] != "uncached" and not r["method"].startswith("ablation"):
+                methods.append(r["method"])
+    markers = "osD^v<>ph*X"
+    colours = plt.cm.tab10.colors
+    style = {m: (markers[i % len(markers)], colours[i % len(colours)]) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(rows_by_sampler), figsize=(6.5 * len(rows_by_sampler), 4.8), squeeze=False)
+    for ax, (sampler, rows) in zip(axes[0], rows_by_sampler.items()):
+        for m in methods:
+            pts = sorted((r["speedup"], r["psnr"]) for r in rows if r["method"] == m)
+            if not pts:
+                continue
+            marker, colour = style[m]
+            ax.plot(*zip(*pts), marker=marker, color=colour, label=m, linewidth=1,
+                    linestyle="-" if m.startswith("OmniCache") else ":")
+        ax.set_title(f"{sampler}, 50 steps: speedup vs PSNR (vs uncached)")
+        ax.set_xlabel("measured speedup (uncached wall / cached wall)")
+        ax.set_ylabel("PSNR vs uncached (dB)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# ------------------------------------------------------------------------ main
+def run_sampler(model, classifier, sampler: str, args, log) -> list[dict]:
+    labels = torch.arange(args.samples) % 10
+    bench = MemoBench(model, classifier, labels, steps=args.steps, sampler=sampler, seed=0,
+                      guidance=model.default_guidance)
+    rows = [dict(bench.uncached_row(), method="uncached", target=1.0, kind="reference")]
+    log(f"[{sampler}] uncached: {bench.reference.summary.wall_s:.2f} s")
+    tune_labels = torch.arange(TUNE_SAMPLES) % 10
+    tune_ref = generate(model, tune_labels, steps=args.steps, sampler=sampler, guidance=bench.guidance,
+                        seed=TUNE_SEED).samples
+    coefficients = bench.fit_teacache()
+    targets = args.targets
+    for target in targets:
+        for name in ("fora", "delta-dit", "taylorseer-o1", "taylorseer-o2"):
+            t0 = time.perf_counter()
+            config, tried = tune_static(bench, tune_ref, tune_labels, name, target)
+            rows.append(row_of(bench, name, target, config, kind="baseline", tried=tried))
+            log(f"[{sampler} {target}] {rows[-1]['policy']}: {rows[-1]['compute_fraction']:.3f} "
+                f"{rows[-1]['psnr']:.2f} dB ({time.perf_counter() - t0:.0f} s)")
+        for name, sets in (("teacache", ["coefficients=" + ",".join(repr(c) for c in coefficients)]),
+                           ("fbcache", [])):
+            t0 = time.perf_counter()
+            config = tune_to_fraction(bench, name, target, sets, tolerance=3 * TOLERANCE)
+            rows.append(row_of(bench, name, target, config, kind="baseline"))
+            log(f"[{sampler} {target}] {rows[-1]['policy']}: {rows[-1]['compute_fraction']:.3f} "
+                f"{rows[-1]['psnr']:.2f} dB ({time.perf_counter() - t0:.0f} s)")
+        forms = OMNI_MAIN + (OMNI_ABLATION if target in ABLATION_TARGETS and not args.no_ablation else [])
+        for method, fields in forms:
+            config = OmniCacheConfig(compute_fraction=target, **fields)
+            t0 = time.perf_counter()
+            config.calibrate(model, steps=args.steps, sampler=sampler, guidance=bench.guidance)  # cached plan
+            calibrate_s = time.perf_counter() - t0
+            row = row_of(bench, method, target, config, kind="omnicache", calibrate_s=calibrate_s)
+            row["policy"] = "omnicache(" + ",".join(f"{k}={v}" for k, v in fields.items()) + ")"
+            rows.append(row)
+            log(f"[{sampler} {target}] {method}: {row['compute_fraction']:.3f} {row['psnr']:.2f} dB "
+                f"(calibration {calibrate_s:.0f} s)")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=64, help="evaluation samples (default 64)")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    parser.add_argument("--no-ablation", action="store_true", help="skip the extra OmniCache ablation rows")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 samples, 12 steps, target 0.5")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"),
+                        help="folder for omnicache-comparison.{json,md,png}")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.steps, args.targets, args.no_ablation = 8, 12, [0.5], True
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"{time.perf_counter() - start:7.0f}s  {msg}", file=sys.stderr, flush=True)
+
+    model, classifier = load_default(), load_classifier()
+    rows_by_sampler = {s: run_sampler(model, classifier, s, args, log) for s in args.samplers}
+    total_s = time.perf_counter() - start
+
+    summary, paragraph = verdicts(rows_by_sampler)
+    ablation = ablation_summary(rows_by_sampler)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "omnicache-comparison" + ("-quick" if args.quick else "")
+    meta = dict(model="embedded default (omnicache/data/default_model.json)", device=f"cpu: {cpu_name()}",
+                threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python benchmarks/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                samples=args.samples, steps=args.steps, noise_seed=0, guidance=model.default_guidance,
+                targets=args.targets, tolerance=TOLERANCE, tuning_batch=dict(samples=TUNE_SAMPLES, seed=TUNE_SEED),
+                omnicache_calibration=dict(samples=OmniCacheConfig.calibration_samples,
+                                           seed=OmniCacheConfig.calibration_seed),
+                total_wall_s=round(total_s, 1))
+    result = dict(meta, summary=summary, results={s: [public_row(r) for r in rows]
+                                                  for s, rows in rows_by_sampler.items()})
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    pareto_plot(rows_by_sampler, out / f"{stem}.png")
+
+    md = [f"# OmniCache vs baselines at equal compute\n",
+          f"Embedded default DiT (digits), {args.steps} steps, guidance {model.default_guidance:g}, "
+          f"{args.samples} samples (classes in turn, noise seed 0), {meta['device']}, 1 thread, "
+          f"torch {torch.__version__}, {meta['date']}. PSNR/SSIM against uncached sampling with the same "
+          f"noise; class accuracy of the project's digit classifier; speedup = uncached wall / cached wall "
+          f"in the same run; ideal = 1 / compute fraction. Command: `{meta['command']}` "
+          f"({total_s / 60:.1f} min).\n"]
+    for sampler, rows in rows_by_sampler.items():
+        main_rows = [r for r in rows if not r["method"].startswith("ablation")]
+        md.append(f"## {sampler}\n\n{markdown_table(main_rows)}\n")
+        abl = [r for r in rows if r["method"].startswith("ablation")]
+        if abl:
+            md.append(f"Ablation ({sampler}):\n\n{markdown_table(abl)}\n")
+    md.append("## Where OmniCache wins or loses, and why\n")
+    md.append(paragraph + "\n")
+    if ablation:
+        md.append("What each part adds at equal compute (PSNR of OmniCache + correction minus the row "
+                  "without that part; filtering: with minus without):\n\n" + ablation + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md))
+
+    for sampler, rows in rows_by_sampler.items():
+        print(f"\n== {sampler}, {args.steps} steps, {args.samples} samples")
+        for target in [1.0] + list(args.targets):
+            at = [r for r in rows if r["target"] == target]
+            if at:
+                print(format_table(at))
+    print("\n" + paragraph)
+    if ablation:
+        print(ablation)
+    print(f"\nwrote {out / stem}.json, .md, .png ({total_s / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
