@@ -187,10 +187,10 @@ def test_context_dp_matches_brute_force():
         budget = r.randint(0, schedule.max_reuse_steps(steps, warmup=warmup, tail=tail, max_consecutive=m))
         table = {}
 
-        def cost(t, j, p, q):
+        def cost(t, j, p, q, table=table, r=r):
             return table.setdefault((t, j, p, q), r.random())
 
-        def total(comp):
+        def total(comp, cost=cost):
             return sum(cost(t, *src) for t, src in enumerate(_sources(comp)) if src)
 
         best = None
@@ -293,3 +293,15 @@ def test_calibrate_main_bad_arguments(args, needle, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert needle in err
+
+
+def test_bad_filter_setting_is_refused_before_sampling(tiny):
+    import dataclasses
+
+    cfg = OmniCacheConfig(compute_fraction=0.5, max_consecutive=2, filtering=True, calibration_samples=4)
+    plan = cfg.calibrate(tiny, steps=10, guidance=2.0)
+    for bad, needle in ((dict(grid=[3, 5]), "grid"), (dict(low_cutoff=2.0), "low_cutoff"),
+                        (dict(bogus=1), "bogus")):
+        meta = dict(plan.meta, filter=dict(plan.meta["filter"], **bad))
+        with pytest.raises(ValueError, match=rf"CachePlan\.meta\.filter.*{needle}"):
+            CacheExecutor(tiny, LABELS, dataclasses.replace(plan, meta=meta), steps=10, guidance=2.0)

@@ -215,6 +215,10 @@ class CacheExecutor:
         if len(grid) != 2 or grid[0] * grid[1] != self.hidden_shape[1]:
             raise ValueError(f"CachePlan.meta.filter.grid: must be [H, W] with H * W = {self.hidden_shape[1]} "
                              f"tokens, got {list(grid)}")
+        try:  # check the cut-offs now, not at the first full step
+            schedule.filter_delta(torch.zeros(1, self.hidden_shape[1], 1), grid, 0.0, **setting)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"CachePlan.meta.filter: {e}") from None
         return grid, setting
 
     def _prepare_dynamic(self):
