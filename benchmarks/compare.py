@@ -1,6 +1,6 @@
 """OmniCache against the caching baselines at equal compute, on the embedded default model.
 
-    OMP_NUM_THREADS=1 python benchmarks/compare.py            # ~20 min on one CPU thread
+    OMP_NUM_THREADS=1 python benchmarks/compare.py            # ~35 min on one CPU thread
     python benchmarks/compare.py --quick                      # a smoke run (few samples, one target)
 
 For each sampler (rectified-flow Euler and DDIM, 50 steps, guidance = the model's) and
@@ -24,6 +24,11 @@ How each method reaches a target:
   (20 samples, noise seed 1234), in three forms: reuse only (DP schedule, no
   correction), + correction (the default), + filtering. More ablation rows (uniform
   schedule, curvature cost, first order, open-loop γ) at 0.5 and 0.4.
+- Learning-to-Cache: ``L2CConfig(compute_fraction=target)``: the router is trained on the
+  model's own trajectories (its seed 0, 64 samples; a full step every 2 steps at 0.6,
+  every 3 below) and its β threshold calibrated to the target; also with OmniCache's
+  closed-loop γ fitted on the same plan. Then L2C at its own operating point (threshold
+  0.5), with FORA, TaylorSeer order 2 and OmniCache at that fraction.
 
 Writes ``benchmarks/results/omnicache-comparison.{json,md,png}`` and prints the tables.
 """
@@ -45,7 +50,7 @@ import torch
 from omnicache import metrics
 from omnicache.api import generate
 from omnicache.evaluate import Bench, format_table, public_row, tune_to_fraction
-from omnicache.policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, OmniCacheConfig,
+from omnicache.policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig, OmniCacheConfig,
                                 TaylorSeerConfig, TeaCacheConfig)
 from omnicache.runtime.default import load_classifier, load_default
 
@@ -349,7 +354,85 @@ def run_sampler(model, classifier, sampler: str, args, log) -> list[dict]:
             rows.append(row)
             log(f"[{sampler} {target}] {method}: {row['compute_fraction']:.3f} {row['psnr']:.2f} dB "
                 f"(calibration {calibrate_s:.0f} s)")
+        if not args.no_l2c:
+            rows.extend(l2c_rows(bench, target, l2c_refresh(target), log))
+    if not args.no_l2c:
+        rows.extend(l2c_native_rows(bench, tune_ref, tune_labels, log))
     return rows
+
+
+# ------------------------------------------------------------------ Learning-to-Cache
+def l2c_refresh(target: float) -> int:
+    """The refresh period for a target: alternation (the paper's) where it can reach the
+    target (its floor is about 0.5 + the modulation), else a full step every 3."""
+    return 2 if target >= 0.55 else 3
+
+
+def l2c_rows(bench, target: float, refresh: int, log, kind: str = "l2c", settings: dict | None = None) -> list:
+    """L2C and L2C with OmniCache's γ at ``target`` (threshold calibrated to it), or at the
+    router's own threshold with ``settings=dict(compute_fraction=None)``."""
+    out = []
+    for method, correction in (("L2C", False), ("L2C + OmniCache γ", True)):
+        fields = dict(dict(compute_fraction=target, refresh=refresh, correction=correction), **(settings or {}))
+        config = L2CConfig(**fields)
+        t0 = time.perf_counter()
+        plan = config.calibrate(bench.model, steps=bench.steps, sampler=bench.sampler, guidance=bench.guidance)
+        seconds = time.perf_counter() - t0
+        row = row_of(bench, method, target, config, kind=kind, train_s=plan.meta["train_seconds"],
+                     calibrate_s=round(seconds, 1), removed_in_cache_steps=plan.meta["removed_in_cache_steps"],
+                     removed_overall=plan.meta["removed_overall"], threshold=plan.meta["threshold"])
+        row["policy"] = f"l2c(refresh={refresh},thr={plan.meta['threshold']:.3g}{',γ' if correction else ''})"
+        out.append(row)
+        log(f"[{bench.sampler} {target}] {method}: {row['compute_fraction']:.3f} {row['psnr']:.2f} dB, "
+            f"{row['removed_in_cache_steps'] * 100:.1f}% of cache-step branches removed ({seconds:.0f} s)")
+    return out
+
+
+def l2c_native_rows(bench, tune_ref, tune_labels, log) -> list:
+    """L2C at its own operating point (default router, threshold 0.5) and, at that compute
+    fraction, FORA, TaylorSeer order 2 (tuned like every static baseline) and OmniCache."""
+    config = L2CConfig()
+    plan = config.calibrate(bench.model, steps=bench.steps, sampler=bench.sampler, guidance=bench.guidance)
+    fraction = plan.compute_fraction(bench.model.flops_per_sample())
+    rows = l2c_rows(bench, fraction, config.refresh, log, kind="l2c-native", settings=dict(compute_fraction=None))
+    for r in rows:
+        r["method"] += " (threshold 0.5)"
+    for name in ("fora", "taylorseer-o2"):
+        cfg, tried = tune_static(bench, tune_ref, tune_labels, name, fraction)
+        rows.append(row_of(bench, name, fraction, cfg, kind="l2c-native", tried=tried))
+    omni = OmniCacheConfig(compute_fraction=fraction)
+    rows.append(row_of(bench, "OmniCache + correction", fraction, omni, kind="l2c-native"))
+    rows[-1]["policy"] = f"omnicache(compute_fraction={fraction:.3f})"
+    for r in rows[2:]:
+        log(f"[{bench.sampler} L2C point {fraction:.3f}] {r['policy']}: {r['compute_fraction']:.3f} {r['psnr']:.2f} dB")
+    return rows
+
+
+def l2c_verdicts(rows_by_sampler: dict) -> tuple[list[dict], str]:
+    """L2C's targets: >= 40% of the branches removed in cache steps, and at that compute
+    PSNR >= FORA's + 1 dB; plus what OmniCache's γ adds to L2C's plan."""
+    out, text = [], []
+    for sampler, rows in rows_by_sampler.items():
+        native = {r["method"]: r for r in rows if r["kind"] == "l2c-native"}
+        l2c, fora = native.get("L2C (threshold 0.5)"), native.get("fora")
+        if not (l2c and fora):
+            continue
+        withg = native.get("L2C + OmniCache γ (threshold 0.5)")
+        v = dict(sampler=sampler, removed_in_cache_steps=l2c["removed_in_cache_steps"],
+                 removed_overall=l2c["removed_overall"], compute_fraction=l2c["compute_fraction"],
+                 l2c_psnr=l2c["psnr"], fora_psnr=fora["psnr"], fora_fraction=fora["compute_fraction"],
+                 fora_setting=fora["policy"], margin_db=l2c["psnr"] - fora["psnr"],
+                 l2c_gamma_psnr=withg["psnr"] if withg else None, train_s=l2c["train_s"])
+        v["met"] = v["removed_in_cache_steps"] >= 0.4 and v["margin_db"] >= 1.0
+        out.append(v)
+        text.append(f"{sampler}: the router (trained in {v['train_s']:.0f} s) removes "
+                    f"{v['removed_in_cache_steps'] * 100:.1f}% of the branches in cache steps "
+                    f"({v['removed_overall'] * 100:.1f}% overall), compute {v['compute_fraction']:.3f}, "
+                    f"{v['l2c_psnr']:.2f} dB vs {v['fora_setting']} {v['fora_psnr']:.2f} dB at "
+                    f"{v['fora_fraction']:.3f} ({v['margin_db']:+.2f} dB: target "
+                    f"{'met' if v['met'] else 'missed'}); with OmniCache's γ on the same plan "
+                    f"{v['l2c_gamma_psnr']:.2f} dB.")
+    return out, " ".join(text)
 
 
 def main(argv=None) -> int:
@@ -359,6 +442,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     parser.add_argument("--no-ablation", action="store_true", help="skip the extra OmniCache ablation rows")
+    parser.add_argument("--no-l2c", action="store_true", help="skip the Learning-to-Cache rows")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 samples, 12 steps, target 0.5")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"),
                         help="folder for omnicache-comparison.{json,md,png}")
@@ -376,6 +460,7 @@ def main(argv=None) -> int:
     total_s = time.perf_counter() - start
 
     summary, paragraph = verdicts(rows_by_sampler)
+    l2c_summary, l2c_paragraph = l2c_verdicts(rows_by_sampler)
     ablation = ablation_summary(rows_by_sampler)
     side = model.config.input_size // model.config.patch_size
     why = explanation(rows_by_sampler, summary, (side, side))
@@ -391,7 +476,7 @@ def main(argv=None) -> int:
                 omnicache_calibration=dict(samples=OmniCacheConfig.calibration_samples,
                                            seed=OmniCacheConfig.calibration_seed),
                 total_wall_s=round(total_s, 1))
-    result = dict(meta, summary=summary, results={s: [public_row(r) for r in rows]
+    result = dict(meta, summary=summary, l2c_summary=l2c_summary, results={s: [public_row(r) for r in rows]
                                                   for s, rows in rows_by_sampler.items()})
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     pareto_plot(rows_by_sampler, out / f"{stem}.png")
@@ -404,7 +489,7 @@ def main(argv=None) -> int:
           f"in the same run; ideal = 1 / compute fraction. Command: `{meta['command']}` "
           f"({total_s / 60:.1f} min).\n"]
     for sampler, rows in rows_by_sampler.items():
-        main_rows = [r for r in rows if not r["method"].startswith("ablation")]
+        main_rows = [r for r in rows if not r["method"].startswith("ablation") and r["kind"] != "l2c-native"]
         md.append(f"## {sampler}\n\n{markdown_table(main_rows)}\n")
         abl = [r for r in rows if r["method"].startswith("ablation")]
         if abl:
@@ -415,6 +500,16 @@ def main(argv=None) -> int:
     if ablation:
         md.append("What each part adds at equal compute (PSNR of OmniCache + correction minus the row "
                   "without that part; filtering: with minus without):\n\n" + ablation + "\n")
+    if l2c_summary:
+        md.append("## Learning-to-Cache at its own operating point\n")
+        md.append("Router: the default `L2CConfig()` (refresh every 2 steps, λ = 1e-4, 100 AdamW iterations "
+                  "on 64 self-generated trajectories, threshold 0.5); FORA and TaylorSeer tuned to its compute "
+                  "fraction as above.\n")
+        for sampler, rows in rows_by_sampler.items():
+            native = [r for r in rows if r["kind"] == "l2c-native"]
+            if native:
+                md.append(f"{sampler}:\n\n{markdown_table(native)}\n")
+        md.append(l2c_paragraph + "\n")
     (out / f"{stem}.md").write_text("\n".join(md))
 
     for sampler, rows in rows_by_sampler.items():
@@ -425,7 +520,7 @@ def main(argv=None) -> int:
             if at:
                 print(f"-- target compute fraction {target}")
                 print(format_table(uncached + at))
-    print("\n" + paragraph + "\n\n" + why)
+    print("\n" + paragraph + "\n\n" + why + ("\n\n" + l2c_paragraph if l2c_paragraph else ""))
     if ablation:
         print(ablation)
     print(f"\nwrote {out / stem}.json, .md, .png ({total_s / 60:.1f} min)")

@@ -11,8 +11,8 @@
 from . import ops
 from .api import GenerateResult, generate
 from .plan import CachePlan
-from .policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, NoCacheConfig, OmniCacheConfig,
-                       TaylorSeerConfig, TeaCacheConfig)
+from .policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig, NoCacheConfig,
+                       OmniCacheConfig, TaylorSeerConfig, TeaCacheConfig)
 from .runtime.default import load_classifier, load_default
 
 __version__ = "0.1.0"
@@ -31,4 +31,5 @@ __all__ = [
     "FirstBlockCacheConfig",
     "TaylorSeerConfig",
     "OmniCacheConfig",
+    "L2CConfig",
 ]

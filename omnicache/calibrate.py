@@ -56,7 +56,8 @@ from . import schedule
 from .plan import CachePlan
 from .runtime.executor import CacheExecutor
 
-__all__ = ["Trajectory", "record", "Corrector", "fit_closed_loop", "replay_error", "build_plan", "main"]
+__all__ = ["Trajectory", "record", "Corrector", "fit_closed_loop", "fit_plan_closed_loop", "replay_error",
+           "build_plan", "main"]
 
 FILTER_DEFAULTS = dict(low_cutoff=0.5, high_cutoff=0.25, split=0.5)
 
@@ -285,6 +286,70 @@ def fit_closed_loop(model, traj: Trajectory, compute: list[bool], order: int, fi
                 base = base + gi * d
         x = ex._finish(t, x, base, c)
     return gamma, gamma2
+
+
+@torch.no_grad()
+def fit_plan_closed_loop(model, traj: Trajectory, plan: CachePlan, order: int = 2,
+                         samples: slice = slice(None)) -> CachePlan:
+    """``plan`` with per-step ``(gamma, gamma2)`` fitted on its own cached run, for any
+    granularity (branch-level plans such as Learning-to-Cache's included).
+
+    As :func:`fit_closed_loop`, but the correction enters inside the block loop, so the step
+    is linearised by probing: at a step that reuses any unit, the step is run from the
+    same state and caches with ``γ = 0`` and with each coefficient at ``probe`` (the caches
+    restored in between), ``J`` holds the probe columns of ``x_{t+1}``, and
+    ``γ = argmin ‖o(0) + J γ - x_{t+1}‖²``. A coefficient is fitted only where every unit
+    the step reuses has the computed values its difference needs (2 for ``D1``, 3 for
+    ``D2``); elsewhere it stays 0.
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if plan.steps != traj.steps:
+        raise ValueError(f"plan has {plan.steps} steps, the trajectory {traj.steps}")
+    comp = plan.compute_tensor()
+    if plan.granularity == "step":
+        comp = comp[:, :1, :1]
+    elif plan.granularity == "block":
+        comp = comp[:, :, :1]
+    counts = torch.cumsum(comp.long(), 0) - comp.long()  # computed values before each step, per unit
+    usable = []  # per step: how many coefficients every reused unit supports
+    for t in range(plan.steps):
+        reused = ~comp[t]
+        usable.append(0 if not bool(reused.any()) else min(int(counts[t][reused].min()) - 1, order))
+    probe = [1.0 if u >= 1 else 0.0 for u in usable]
+    work = dataclasses.replace(plan, gamma=probe, gamma2=[1.0 if u >= 2 else 0.0 for u in usable])
+    ex = CacheExecutor(model, traj.labels[samples], work, steps=plan.steps, sampler=traj.sampler,
+                       guidance=traj.guidance)
+    for unit in ex._cache.values():
+        for buf in unit:
+            if buf is not None:
+                buf.zero_()
+    gamma, gamma2 = [0.0] * plan.steps, [0.0] * plan.steps
+    x = traj.latents[0][samples]
+    buffers = [buf for unit in ex._cache.values() for buf in unit if buf is not None]
+
+    def run(t, g1, g2):
+        saved = [b.clone() for b in buffers]
+        work.gamma[t], work.gamma2[t] = g1, g2
+        ex._gamma[t].fill_(g1)
+        out, _ = ex._static_step(t, x)
+        for b, s in zip(buffers, saved):
+            b.copy_(s)
+        return out.double()
+
+    for t in range(plan.steps):
+        if usable[t] >= 1:
+            o0 = run(t, 0.0, 0.0)
+            cols = [run(t, 1.0, 0.0) - o0] + ([run(t, 0.0, 1.0) - o0] if usable[t] >= 2 else [])
+            J = torch.stack([c.flatten() for c in cols], 1)
+            target = (traj.latents[t + 1][samples].double() - o0).flatten()
+            g = torch.linalg.lstsq(J, target[:, None]).solution[:, 0].tolist()
+            gamma[t] = g[0]
+            gamma2[t] = g[1] if len(g) > 1 else 0.0
+        work.gamma[t], work.gamma2[t] = gamma[t], gamma2[t]
+        ex._gamma[t].fill_(gamma[t])
+        x, _ = ex._static_step(t, x)
+    return dataclasses.replace(plan, gamma=gamma, gamma2=gamma2)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
     omnicache demo [--out DIR]                 the main job: every policy vs uncached, on the embedded model
     omnicache eval --policy NAME [...]         measure chosen policies the same way, to JSON
     omnicache calibrate --policy omnicache --compute-fraction F --out plan.json
+    omnicache train-router [--steps N --sampler S --lambda L --target-compute F --iters I --seed K] --out plan.json
     omnicache train-default [...]              train the embedded default model and classifier
 """
 
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train-default", help="train the embedded DiT and classifier (see --help)", add_help=False)
     sub.add_parser("calibrate", help="calibrate an OmniCache plan on the embedded model (see --help)",
                    add_help=False)
+    sub.add_parser("train-router", help="Learning-to-Cache: train a router, write its plan (see --help)",
+                   add_help=False)
     return parser
 
 
@@ -182,6 +185,10 @@ def main(argv=None) -> int:
         from . import calibrate
 
         return calibrate.main(argv[1:])
+    if argv[:1] == ["train-router"]:
+        from . import l2c
+
+        return l2c.main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return {"demo": cmd_demo, "eval": cmd_eval}[args.command](args)

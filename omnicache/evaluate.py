@@ -18,7 +18,7 @@ import torch
 
 from . import metrics
 from .api import generate
-from .policies import (CachePlan, DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, NoCacheConfig,
+from .policies import (CachePlan, DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig, NoCacheConfig,
                        OmniCacheConfig, TaylorSeerConfig, TeaCacheConfig, fit_teacache_coefficients)
 from .runtime.samplers import make_sampler
 
@@ -30,6 +30,7 @@ POLICIES: dict[str, type] = {
     "fbcache": FirstBlockCacheConfig,
     "taylorseer": TaylorSeerConfig,
     "omnicache": OmniCacheConfig,
+    "l2c": L2CConfig,
 }
 
 # The setting that trades quality for compute, per policy: (field, kind, lower, upper).
@@ -41,6 +42,7 @@ KNOBS: dict[str, tuple[str, str, float, float]] = {
     "teacache": ("threshold", "float", 0.0, 4.0),
     "fbcache": ("threshold", "float", 0.0, 2.0),
     "omnicache": ("compute_fraction", "exact", 0.0, 1.0),  # takes the target itself
+    "l2c": ("compute_fraction", "exact", 0.0, 1.0),
 }
 
 
@@ -96,7 +98,10 @@ def policy_label(config) -> str:
         return str(config.meta.get("policy", "plan"))
     name = next((n for n, c in POLICIES.items() if isinstance(config, c)), type(config).__name__)
     knob = KNOBS.get(name)
-    return f"{name}({knob[0]}={getattr(config, knob[0]):g})" if knob else name
+    if knob is None:
+        return name
+    value = getattr(config, knob[0])
+    return f"{name}({knob[0]}={value:g})" if value is not None else name
 
 
 def config_dict(config) -> dict:

@@ -23,6 +23,7 @@ bad file raises ``ValueError`` naming the field, e.g. ``CachePlan.compute[3][2]:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -189,7 +190,8 @@ class CachePlan:
 
     # ---------------------------------------------------------------------- I/O
     def to_dict(self) -> dict:
-        return {name: getattr(self, name) for name in _FIELDS}
+        """The fields as plain JSON types: a deep copy, so editing it leaves the plan intact."""
+        return copy.deepcopy({name: getattr(self, name) for name in _FIELDS})
 
     def save(self, path) -> None:
         """Write the plan as JSON: one line per field, one line per step of ``compute``."""

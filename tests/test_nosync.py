@@ -6,30 +6,20 @@ import torch
 
 from omnicache.plan import CachePlan
 from omnicache.policies import DeltaDiTConfig, FORAConfig, TaylorSeerConfig, TeaCacheConfig
-from omnicache.runtime import make_dit
 from omnicache.runtime.executor import CacheExecutor
 from omnicache.runtime.syncguard import HostSyncError, no_host_sync
+
+from compile_helpers import compile_step_equals_eager
 
 LABELS = torch.tensor([2, 7, 1])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: intra-op threads only add overhead (and spin badly on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = make_dit("tiny")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+def model(tiny_dit):
+    return tiny_dit
 
 
 def test_guard_catches_syncs():
@@ -69,33 +59,6 @@ def test_static_loop_has_no_host_sync(model, tmp_path, policy):
     ref, _ = CacheExecutor(model, LABELS, policy(tmp_path), steps=10, guidance=2.0).run(0)
     assert torch.equal(x, ref)
     assert summary.stats is not None  # statistics are read back after the loop, lazily
-
-
-def state(ex):
-    return [t.clone() for unit in ex._cache.values() for t in unit if t is not None]
-
-
-def restore(ex, saved):
-    for t, s in zip([t for unit in ex._cache.values() for t in unit if t is not None], saved):
-        t.copy_(s)
-
-
-def compile_step_equals_eager(ex, i, backend, atol=1e-6):
-    torch._dynamo.reset()
-    x = ex.init_noise(0)
-    with torch.no_grad():
-        for j in range(i):
-            x, _ = ex.step_fn(j)(x)
-        before = state(ex)
-        eager, eager_stats = ex.step_fn(i)(x)
-        after = state(ex)
-        restore(ex, before)
-        compiled, compiled_stats = torch.compile(ex.step_fn(i), fullgraph=True, backend=backend)(x)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=atol)
-    for a, b in zip(compiled_stats, eager_stats):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(state(ex), after):  # the compiled step wrote the caches like eager
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("granularity", ["step", "block", "branch"])

@@ -13,7 +13,6 @@ from omnicache import calibrate, metrics, schedule
 from omnicache.api import generate
 from omnicache.plan import CachePlan
 from omnicache.policies import OmniCacheConfig, forecast_coefficients
-from omnicache.runtime import make_dit
 from omnicache.runtime.default import load_default
 from omnicache.runtime.executor import CacheExecutor
 from omnicache.runtime.syncguard import no_host_sync
@@ -21,23 +20,12 @@ from omnicache.runtime.syncguard import no_host_sync
 LABELS = torch.tensor([2, 7, 1, 4])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: intra-op threads only add overhead (and spin badly on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    m = make_dit("tiny")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+def tiny(tiny_dit):
+    return tiny_dit
 
 
 def computed(plan):

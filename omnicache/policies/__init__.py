@@ -15,6 +15,7 @@ from ..plan import CachePlan
 from .delta_dit import DeltaDiTConfig
 from .first_block_cache import FirstBlockCacheConfig
 from .fora import FORAConfig
+from .l2c import L2CConfig
 from .nocache import NoCacheConfig
 from .omnicache import OmniCacheConfig
 from .taylorseer import TaylorSeerConfig, forecast_coefficients
@@ -29,6 +30,7 @@ __all__ = [
     "FirstBlockCacheConfig",
     "TaylorSeerConfig",
     "OmniCacheConfig",
+    "L2CConfig",
     "fit_teacache_coefficients",
     "forecast_coefficients",
 ]

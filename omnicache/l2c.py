@@ -1,0 +1,470 @@
+"""Learning-to-Cache (Ma et al., 2024): a learned router over branches, exported as a static plan.
+
+**Router.** ``θ ∈ R^{steps × blocks × 2}`` (attention, MLP), ``β = sigmoid(θ)``: one
+weight per step and branch, the same for every input (input-invariant, timestep-variant).
+
+**Refresh pattern.** Steps ``0, N, 2N, …`` (``refresh=N``; the paper alternates, ``N = 2``)
+compute every branch. The other steps are *cache steps*: there each branch either
+computes or reuses its value from the step before.
+
+**Training** (the model stays frozen; only ``θ`` gets gradients). While training, at a
+cache step ``i`` each branch outputs the mixture
+
+    m = β[i, b, k] · f(h) + (1 − β[i, b, k]) · cache[b, k]
+
+(``f`` the branch's pre-gate output, gated afterwards by the step's adaLN gate exactly as
+the executor applies a cached branch), and ``m`` becomes the cache the next cache step
+reads: at β ∈ {0, 1} this is what the executor does (store on compute, keep on reuse).
+The inputs are teacher-forced: every step starts from the uncached trajectory's state,
+and each refresh segment (a full step and the cache steps after it) starts from the full
+step's branch outputs. Per cache step ``i``, with ε the sampler's noise prediction
+(guided, as sampling uses it; ``ε = x_s + (1 − s) v`` for the velocity model)::
+
+    loss_i = mean((ε_full − ε_β)²) + λ · Σ_{b,k} β[i, b, k]
+
+and the loss of an iteration is the mean of ``loss_i`` over the cache steps (every
+segment, a minibatch of samples). ``θ`` is clamped to ``[−5, 5]`` after each AdamW step.
+The training inputs are trajectories the model generates itself (``data="self"``: one
+uncached run per sample, the sampler's own states), or the digits data set noised to each
+step's time (``data="digits"``).
+
+**Export.** Thresholding β gives a branch-level :class:`~omnicache.plan.CachePlan`:
+refresh steps compute everything; at cache steps a branch computes where
+``β > threshold``. With ``compute_fraction`` the threshold is calibrated instead: cache-step
+branches are ranked by β and the cut whose plan's FLOP fraction is nearest the target
+is taken. The plan's ``meta`` reports the share of branches removed in cache steps and
+overall, the threshold, λ and the training curve's end points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .plan import CachePlan
+from .runtime.samplers import cfg_combine, cfg_labels, make_sampler
+
+__all__ = ["TrainingSet", "RouterResult", "training_set", "refresh_mask", "routed_forward", "router_loss",
+           "train_router", "expected_compute",
+           "export_plan", "removed_shares", "main"]
+
+THETA_BOUND = 5.0
+
+
+# ------------------------------------------------------------------ training data
+@dataclasses.dataclass
+class TrainingSet:
+    """Per step ``i``: ``inputs[i]`` the model inputs ``(N, C, H, W)`` in flow coordinates at
+    flow time ``times[i]``, ``targets[i]`` the full model's guided velocity there; ``labels``
+    (N,). The reconstruction loss at step ``i`` is ``weights[i]² · mean((v_β − v_full)²)``
+    with ``weights[i] = 1 − s_i``: exactly ``mean((ε_β − ε_full)²)``, since
+    ``ε = x_s + (1 − s) v`` at the same input ``x_s``. (Weighting by the error of the
+    sampler's next state instead was tried: 1.2 dB lower at compute 0.75 and 0.9 dB at 0.6
+    on the embedded model, flow sampler.)"""
+
+    inputs: torch.Tensor  # (steps, N, C, H, W)
+    times: list
+    targets: torch.Tensor  # (steps, N, C, H, W): the full model's guided velocity
+    labels: torch.Tensor
+    guidance: float
+    source: str
+    weights: list  # per step: 1 - s_i, the ε error's weight on the velocity error
+
+
+def _guided(model, x, t, labels, guidance):
+    """The guided velocity for rows ``x`` (``[x; x]`` with ``[labels; null]`` under CFG)."""
+    if guidance == 1.0:
+        return model(x, t, labels).float()
+    y = cfg_labels(labels, model.config.num_classes)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), y).float()
+    return cfg_combine(out, guidance)
+
+
+@torch.no_grad()
+def training_set(model, *, steps: int, sampler="flow", guidance: float = 1.0, samples: int = 64, seed: int = 0,
+                 data: str = "self") -> TrainingSet:
+    """The router's training inputs: self-generated trajectories or noised data (see module)."""
+    if isinstance(sampler, str):
+        sampler = make_sampler(sampler, steps)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    cfg = model.config
+    generator = torch.Generator().manual_seed(seed)
+    if data == "self":
+        labels = (torch.arange(samples) % cfg.num_classes).to(device)
+        shape = (samples, cfg.in_channels, cfg.input_size, cfg.input_size)
+        x = sampler.init_noise(shape, generator=generator, device=device)
+        inputs, targets = [], []
+        for i in range(steps):
+            x_model, t = sampler.model_input(i, x)
+            v = _guided(model, x_model.to(dtype), t, labels, guidance)
+            inputs.append(x_model.float())
+            targets.append(v)
+            x = sampler.step(i, x, v)
+    elif data == "digits":
+        from .train_default import digits_split
+
+        x0, y, _, _ = digits_split()
+        if tuple(x0.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):
+            raise ValueError(f"data='digits' gives {tuple(x0.shape[1:])} images; the model takes "
+                             f"{(cfg.in_channels, cfg.input_size, cfg.input_size)}")
+        pick = torch.randperm(x0.shape[0], generator=generator)[:samples]
+        x0, labels = x0[pick].to(device), y[pick].to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        inputs, targets = [], []
+        for i in range(steps):
+            s = sampler.timesteps[i]
+            x_model = (1.0 - s) * x0 + s * noise
+            t = torch.full((x0.shape[0],), s, device=device)
+            v = _guided(model, x_model.to(dtype), t, labels, guidance)
+            inputs.append(x_model)
+            targets.append(v)
+    else:
+        raise ValueError(f"data must be 'self' or 'digits', got {data!r}")
+    return TrainingSet(torch.stack(inputs), list(sampler.timesteps), torch.stack(targets), labels,
+                       float(guidance), data, [1.0 - s for s in sampler.timesteps])
+
+
+# ------------------------------------------------------------------ router forward
+def refresh_mask(steps: int, refresh: int) -> list[bool]:
+    """Full-refresh steps: ``i % refresh == 0`` (the paper's alternation is ``refresh=2``)."""
+    return [i % refresh == 0 for i in range(steps)]
+
+
+def routed_forward(model, x, t, y, beta=None, cache=None):
+    """One DiT forward whose branches mix with a cache.
+
+    ``x`` (R, C, H, W), ``t`` (R,), ``y`` (R,); ``beta`` (R, blocks, 2) per-row branch
+    weights or None (every branch computes: a full step); ``cache`` per block a pair of
+    (R, T, D) pre-gate branch values. Returns ``(velocity, new_cache)`` where the new cache
+    holds each branch's (mixed) output.
+    """
+    h, c = model.embed(x, t, y)
+    new = []
+    for b, blk in enumerate(model.blocks):
+        mod = blk.modulation(c)
+        pair = []
+        for k, (branch, gate) in enumerate(((blk.attn_branch, mod[2]), (blk.mlp_branch, mod[5]))):
+            f = branch(h, mod)
+            if beta is not None:
+                w = beta[:, b, k].view(-1, 1, 1).to(f.dtype)
+                f = w * f + (1.0 - w) * cache[b][k]
+            pair.append(f)
+            h = h + gate.unsqueeze(1) * f
+        new.append(pair)
+    return model.final(h, c).float(), new
+
+
+def _rows(ts: TrainingSet, step_idx: list, sample_idx: torch.Tensor, num_classes: int, dtype):
+    """Rows for steps ``step_idx`` × samples ``sample_idx``: (x, t, y) laid out
+    ``[cond (steps × samples); uncond]`` under CFG."""
+    S, B = len(step_idx), sample_idx.numel()
+    x = ts.inputs[step_idx][:, sample_idx].flatten(0, 1).to(dtype)  # (S·B, C, H, W)
+    t = torch.tensor([ts.times[i] for i in step_idx], dtype=torch.float32,
+                     device=x.device).repeat_interleave(B)
+    y = ts.labels[sample_idx].repeat(S)
+    if ts.guidance != 1.0:
+        return torch.cat([x, x]), torch.cat([t, t]), cfg_labels(y, num_classes)
+    return x, t, y
+
+
+def _segments(mask: list[bool]) -> list[list[int]]:
+    """``[[full step, cache steps after it...], ...]``."""
+    out = []
+    for i, full in enumerate(mask):
+        if full:
+            out.append([i])
+        else:
+            out[-1].append(i)
+    return out
+
+
+# ------------------------------------------------------------------ training
+@dataclasses.dataclass
+class RouterResult:
+    """A trained router: ``theta`` (steps, blocks, 2), ``refresh`` mask, the loss history
+    (per iteration: total, reconstruction mse, expected compute fraction) and timings."""
+
+    theta: torch.Tensor
+    refresh: list
+    history: list
+    seconds: float
+    settings: dict
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return torch.sigmoid(self.theta)
+
+
+def expected_compute(beta: torch.Tensor, mask: list[bool], flops: dict) -> torch.Tensor:
+    """The FLOP fraction a plan with soft decisions ``beta`` would spend (refresh steps = 1)."""
+    full = torch.tensor(mask, dtype=torch.bool, device=beta.device)
+    w = torch.where(full[:, None, None], torch.ones_like(beta), beta)
+    per_step = (flops["embed"] + flops["final"] + beta.shape[1] * flops["block_modulation"]
+                + flops["block_attn"] * w[:, :, 0].sum(1) + flops["block_mlp"] * w[:, :, 1].sum(1))
+    return per_step.sum() / (len(mask) * flops["total"])
+
+
+def _check_settings(steps, refresh, lam, iters, lr, batch, init, weight_decay):
+    def bad(name, rule, value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not is_int(steps) or steps < 2:
+        bad("steps", "an int >= 2", steps)
+    if not is_int(refresh) or not 2 <= refresh <= steps:
+        bad("refresh", f"an int in [2, steps={steps}] (a full step every `refresh` steps)", refresh)
+    if not is_num(lam) or lam < 0:
+        bad("lambda", "a finite number >= 0", lam)
+    if not is_int(iters) or iters < 1:
+        bad("iters", "an int >= 1", iters)
+    if not is_num(lr) or lr <= 0:
+        bad("lr", "a finite number > 0", lr)
+    if not is_int(batch) or batch < 1:
+        bad("batch", "an int >= 1", batch)
+    if not is_num(init) or abs(init) > THETA_BOUND:
+        bad("init", f"a number in [-{THETA_BOUND:g}, {THETA_BOUND:g}]", init)
+    if not is_num(weight_decay) or weight_decay < 0:
+        bad("weight_decay", "a finite number >= 0", weight_decay)
+
+
+def router_loss(model, ts: TrainingSet, theta: torch.Tensor, mask: list[bool], sample_idx: torch.Tensor,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, mse)`` of one iteration on samples ``sample_idx``: every refresh segment,
+    its cache steps batched together position by position (see the module docstring).
+    Differentiable in ``theta`` (the model's own parameters should be frozen)."""
+    device, dtype = ts.inputs.device, next(model.parameters()).dtype
+    B, R = sample_idx.numel(), 2 if ts.guidance != 1.0 else 1
+    num_classes = model.config.num_classes
+    segments = [s for s in _segments(mask) if len(s) > 1]
+    cache_steps = sum(len(s) - 1 for s in segments)
+    if not cache_steps:
+        raise ValueError("the refresh pattern leaves no cache steps")
+    beta = torch.sigmoid(theta)
+    with torch.no_grad():  # the full steps: every branch computes, their outputs seed the caches
+        x, t, y = _rows(ts, [s[0] for s in segments], sample_idx, num_classes, dtype)
+        _, cache = routed_forward(model, x, t, y)
+    mse_sum = beta.new_zeros(())
+    for pos in range(1, max(len(s) for s in segments)):
+        active = [a for a, s in enumerate(segments) if len(s) > pos]
+        if len(active) < len(segments):  # keep the cache rows of the segments still running
+            keep = torch.tensor(active, device=device)
+            cache = [[c.unflatten(0, (R, len(segments), B)).index_select(1, keep).flatten(0, 2) for c in pair]
+                     for pair in cache]
+            segments = [segments[a] for a in active]
+        step_idx = [s[pos] for s in segments]
+        x, t, y = _rows(ts, step_idx, sample_idx, num_classes, dtype)
+        beta_rows = beta[step_idx].repeat_interleave(B, 0).repeat(R, 1, 1)
+        v, cache = routed_forward(model, x, t, y, beta_rows, cache)
+        if R == 2:
+            v = cfg_combine(v, ts.guidance)
+        target = ts.targets[step_idx][:, sample_idx].flatten(0, 1)
+        w2 = torch.tensor([ts.weights[i] ** 2 for i in step_idx], device=device)
+        per_step = (v - target).square().flatten(1).mean(1).view(len(step_idx), B).mean(1)
+        mse_sum = mse_sum + (w2 * per_step).sum()
+    mse = mse_sum / cache_steps
+    penalty = beta[[i for i, full in enumerate(mask) if not full]].sum() / cache_steps
+    return mse + lam * penalty, mse
+
+
+def train_router(model, ts: TrainingSet, *, refresh: int = 2, lam: float = 1e-4, iters: int = 100,
+                 lr: float = 0.1, batch: int = 8, init: float = 3.0, weight_decay: float = 0.0, seed: int = 0,
+                 progress: bool = True) -> RouterResult:
+    """Train ``θ`` on ``ts`` (see the module docstring); the model's weights are not touched
+    (``requires_grad`` is switched off while training and restored after).
+
+    Deterministic for a seed: the minibatches come from a generator seeded with ``seed``,
+    θ starts at ``init`` everywhere, and the CPU kernels are deterministic.
+    """
+    steps, N = ts.inputs.shape[0], ts.inputs.shape[1]
+    _check_settings(steps, refresh, lam, iters, lr, batch, init, weight_decay)
+    device = ts.inputs.device
+    flops = model.flops_per_sample()
+    mask = refresh_mask(steps, refresh)
+    theta = torch.full((steps, len(model.blocks), 2), float(init), device=device, requires_grad=True)
+    opt = torch.optim.AdamW([theta], lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    B = min(batch, N)
+    history = []
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    try:
+        with torch.enable_grad():  # callers (the executor, generate) may run under no_grad
+            bar = tqdm(range(iters), desc="train-router", unit="it", disable=not progress, file=sys.stderr)
+            for _ in bar:
+                idx = torch.randperm(N, generator=generator)[:B].to(device)
+                loss, mse = router_loss(model, ts, theta, mask, idx, lam)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    theta.clamp_(-THETA_BOUND, THETA_BOUND)
+                    fraction = float(expected_compute(torch.sigmoid(theta), mask, flops))
+                history.append((float(loss.detach()), float(mse.detach()), fraction))
+                bar.set_postfix(loss=f"{history[-1][0]:.3e}", mse=f"{history[-1][1]:.2e}",
+                                compute=f"{fraction:.3f}")
+    finally:
+        for p, req in zip(model.parameters(), frozen):
+            p.requires_grad_(req)
+    settings = dict(refresh=refresh, lam=lam, iters=iters, lr=lr, batch=B, init=init, weight_decay=weight_decay,
+                    seed=seed, data=ts.source, train_samples=N)
+    return RouterResult(theta.detach(), mask, history, time.perf_counter() - t0, settings)
+
+
+# ------------------------------------------------------------------ export
+def _fraction(compute: torch.Tensor, flops: dict) -> float:
+    """FLOP fraction of a branch-granularity ``compute`` (steps, blocks, 2) bool tensor."""
+    steps, blocks = compute.shape[:2]
+    spent = (steps * (flops["embed"] + flops["final"] + blocks * flops["block_modulation"])
+             + flops["block_attn"] * int(compute[:, :, 0].sum()) + flops["block_mlp"] * int(compute[:, :, 1].sum()))
+    return spent / (steps * flops["total"])
+
+
+def removed_shares(compute: torch.Tensor, mask: list[bool]) -> tuple[float, float]:
+    """(share of branches removed in cache steps, share removed overall)."""
+    cache = ~torch.tensor(mask, dtype=torch.bool)
+    removed = ~compute
+    in_cache = removed[cache].float().mean().item() if bool(cache.any()) else 0.0
+    return in_cache, removed.float().mean().item()
+
+
+def export_plan(beta: torch.Tensor, mask: list[bool], flops: dict, *, threshold: float = 0.5,
+                compute_fraction: float | None = None, meta: dict | None = None) -> CachePlan:
+    """Threshold ``beta`` (steps, blocks, 2) into a branch-level plan (see the module docstring)."""
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0.0 < threshold < 1.0):
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    if compute_fraction is not None and not (isinstance(compute_fraction, (int, float))
+                                             and not isinstance(compute_fraction, bool)
+                                             and 0.0 < compute_fraction <= 1.0):
+        raise ValueError(f"compute_fraction must be in (0, 1] or None, got {compute_fraction!r}")
+    steps, blocks = beta.shape[:2]
+    if len(mask) != steps or not mask[0]:
+        raise ValueError(f"refresh mask must have {steps} entries and start with a full step")
+    beta = beta.detach().float().cpu()
+    full = torch.tensor(mask, dtype=torch.bool)[:, None, None].expand_as(beta)
+    if compute_fraction is None:
+        compute = full | (beta > threshold)
+        used = float(threshold)
+    else:
+        # rank the cache-step branches by β (ties: step, block, branch order) and take the cut
+        # whose plan spends the fraction nearest the target (ties: the larger fraction)
+        cand = [(-float(beta[i, b, k]), i, b, k) for i in range(steps) if not mask[i]
+                for b in range(blocks) for k in (0, 1)]
+        cand.sort()
+        compute = full.clone()
+        best = (abs(_fraction(compute, flops) - compute_fraction), 0)
+        for n, (_, i, b, k) in enumerate(cand, 1):
+            compute[i, b, k] = True
+            gap = abs(_fraction(compute, flops) - compute_fraction)
+            if gap < best[0] - 1e-12:
+                best = (gap, n)
+        n = best[1]
+        compute = full.clone()
+        for _, i, b, k in cand[:n]:
+            compute[i, b, k] = True
+        lo = -cand[n][0] if n < len(cand) else 0.0  # the largest β left out
+        hi = -cand[n - 1][0] if n > 0 else 1.0  # the smallest β kept
+        used = (lo + hi) / 2
+    in_cache, overall = removed_shares(compute, mask)
+    info = dict(policy="L2C", threshold=round(used, 6), removed_in_cache_steps=round(in_cache, 4),
+                removed_overall=round(overall, 4), refresh=[i for i, f in enumerate(mask) if f])
+    if compute_fraction is not None:
+        info["target_compute_fraction"] = compute_fraction
+    info.update(meta or {})
+    return CachePlan(steps, blocks, "branch", compute, meta=info)
+
+
+# ------------------------------------------------------------------ omnicache train-router
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr, exit status 2, no usage dump or traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .policies.l2c import L2CConfig
+
+    d = L2CConfig()
+    p = _Parser(prog="omnicache train-router",
+                description="Learning-to-Cache: train a router on the embedded default model (frozen) and "
+                            "write the thresholded branch-level CachePlan (JSON).")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--sampler", default="flow", choices=["flow", "ddim"], help="default flow")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help=f"weight of Σβ (default {d.lam:g})")
+    p.add_argument("--target-compute", type=float, default=None,
+                   help="calibrate the threshold to this compute fraction (default: threshold 0.5)")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="β threshold (default 0.5)")
+    p.add_argument("--refresh", type=int, default=d.refresh, help=f"a full step every N steps (default {d.refresh})")
+    p.add_argument("--iters", type=int, default=d.iters, help=f"AdamW iterations (default {d.iters})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"samples per iteration (default {d.batch})")
+    p.add_argument("--train-samples", type=int, default=d.train_samples,
+                   help=f"trajectories to train on (default {d.train_samples})")
+    p.add_argument("--data", default=d.data, choices=["self", "digits"],
+                   help="self-generated trajectories (default) or the digits data set")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
+    p.add_argument("--correction", action="store_true", help="also fit OmniCache's γ correction on the plan")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", required=True, help="where to write the plan (JSON)")
+    return p
+
+
+def main(argv=None) -> int:
+    """``omnicache train-router``; returns 0, or 2 with one line on stderr for bad arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        from .policies.l2c import L2CConfig
+        from .runtime.default import load_default
+
+        if args.steps < 2:
+            raise ValueError(f"--steps must be >= 2, got {args.steps}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        parent = Path(args.out).resolve().parent
+        if not parent.is_dir():
+            raise ValueError(f"--out {args.out}: folder {parent} does not exist")
+        config = L2CConfig(compute_fraction=args.target_compute, threshold=args.threshold, refresh=args.refresh,
+                           lam=args.lam, iters=args.iters, lr=args.lr, batch=args.batch,
+                           train_samples=args.train_samples, data=args.data, seed=args.seed,
+                           correction=args.correction)
+        model = load_default(device=args.device)
+        guidance = args.guidance if args.guidance is not None else getattr(model, "default_guidance", 1.0)
+        t0 = time.perf_counter()
+        plan = config.calibrate(model, steps=args.steps, sampler=args.sampler, guidance=guidance, progress=True)
+        seconds = time.perf_counter() - t0
+        plan.save(args.out)
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"omnicache train-router: error: {err}", file=sys.stderr)
+        return 2
+    m = plan.meta
+    print(f"wrote {args.out}: {m['removed_in_cache_steps'] * 100:.1f}% of branches removed in cache steps "
+          f"({m['removed_overall'] * 100:.1f}% overall), compute fraction "
+          f"{plan.compute_fraction(model.flops_per_sample()):.3f}, threshold {m['threshold']:.3f}, "
+          f"final loss {m['final_loss']:.4g}, {seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
