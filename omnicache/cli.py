@@ -77,6 +77,30 @@ def _write(out: pathlib.Path | None, rows: list[dict], bench, args) -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def _l2c_plans(bench, args) -> list:
+    """Learning-to-Cache for the demo: the plan shipped for the embedded model when it fits
+    this run (else a router trained now), as is (with OmniCache's γ) and without γ (the
+    paper's L2C)."""
+    import dataclasses
+
+    from .plan import CachePlan
+    from .policies import L2CConfig
+    from .runtime.default import default_l2c_plan
+
+    path = default_l2c_plan(args.sampler, args.steps)
+    model = bench.model
+    if path is not None and bench.guidance in (None, getattr(model, "default_guidance", None)):
+        plan = CachePlan.load(path)
+    else:
+        guidance = bench.guidance if bench.guidance is not None else getattr(model, "default_guidance", 1.0)
+        plan = L2CConfig(correction=True).calibrate(model, steps=args.steps, sampler=args.sampler,
+                                                    guidance=guidance, progress=True)
+    share = plan.meta["removed_in_cache_steps"]
+    plain = dataclasses.replace(plan, gamma=None, gamma2=None,
+                                meta=dict(plan.meta, policy=f"l2c(removed={share:.0%})"))
+    return [plain, dataclasses.replace(plan, meta=dict(plan.meta, policy=f"l2c+gamma(removed={share:.0%})"))]
+
+
 def cmd_demo(args) -> int:
     from tqdm import tqdm
 
@@ -93,6 +117,9 @@ def cmd_demo(args) -> int:
                 import dataclasses
 
                 config = dataclasses.replace(config, coefficients=bench.fit_teacache())
+            if name == "l2c":
+                rows.extend(bench.measure(plan) for plan in _l2c_plans(bench, args))
+                continue
             rows.append(bench.measure(config))
     print(format_table(rows))
     out = pathlib.Path(args.out)

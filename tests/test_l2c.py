@@ -293,3 +293,21 @@ def test_bad_plan_file_names_the_field(tmp_path, tiny):
     with pytest.raises(ValueError, match=r"CachePlan\.compute\[3\]\[0\]\[1\]"):
         L2CConfig(plan_path=str(path)).plan(STEPS, len(tiny.blocks))
     assert dataclasses.replace(plan) == plan  # the edited dict was a copy
+
+
+@pytest.mark.parametrize("sampler", ["flow", "ddim"])
+def test_shipped_plans_fit_the_default_model(sampler):
+    """The plans shipped for the demo (``omnicache train-router --correction``) load, fit the
+    embedded model, and remove >= 40% of the branches in cache steps (the issue's target)."""
+    from omnicache.runtime.default import default_l2c_plan, load_default
+
+    path = default_l2c_plan(sampler, 50)
+    assert path is not None
+    plan = CachePlan.load(path)
+    model = load_default()
+    plan.check_matches(model, 50)
+    mask = [i in plan.meta["refresh"] for i in range(50)]
+    in_cache, overall = l2c.removed_shares(plan.compute_tensor(), mask)
+    assert plan.meta["removed_in_cache_steps"] == round(in_cache, 4) and in_cache >= 0.4
+    assert plan.meta["sampler"] == sampler and any(plan.gamma)
+    assert default_l2c_plan(sampler, 49) is None

@@ -148,7 +148,7 @@ class L2CConfig:
             traj = calibrate.record(model, labels, steps=steps, sampler=sampler, guidance=guidance,
                                     seed=self.calibration_seed, progress=progress)
             plan = calibrate.fit_plan_closed_loop(model, traj, plan, order=2)
-            plan.meta.update(correction="closed-loop gamma (order 2)",
+            plan.meta.update(policy="L2C+gamma", correction="closed-loop gamma (order 2)",
                              calibration_samples=self.calibration_samples,
                              calibration_seed=self.calibration_seed)
         if len(_PLANS) >= 16:

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from .model import DiT, DiTConfig
 
-__all__ = ["DigitClassifier", "default_info", "load_default", "load_classifier", "DEFAULT_JSON"]
+__all__ = ["DigitClassifier", "default_info", "load_default", "load_classifier", "default_l2c_plan", "DEFAULT_JSON"]
 
 DEFAULT_JSON = "default_model.json"
 FORMAT_VERSION = 1
@@ -153,3 +153,11 @@ def load_classifier(device="cpu", dtype=torch.float32, data_dir=None) -> DigitCl
     cls = info["classifier"]
     model = DigitClassifier(num_classes=cls["num_classes"], width=cls["width"])
     return _load_state(model, _source(data_dir, cls["weights"]), device, dtype)
+
+
+def default_l2c_plan(sampler: str, steps: int):
+    """The Learning-to-Cache plan shipped for the embedded model (``l2c-<sampler>-<steps>.json``,
+    written by ``omnicache train-router --correction``, at the model's default guidance),
+    as a path, or None if none ships for this sampler and step count."""
+    source = _source(None, f"l2c-{sampler}-{steps}.json")
+    return str(source) if source.is_file() else None
