@@ -18,12 +18,17 @@ region), so ``torch.compile(transformer, fullgraph=True)`` compiles each pattern
 never recompiles from step to step; gamma is a preallocated device scalar per step.
 
 **Dynamic policies** (TeaCache, FirstBlockCache) always compute the first blocks, measure
-``Σ|s - s_ref| / Σ|s_ref|`` over the call's whole batch (``rel_l1``; summed over the
-ranks of ``group`` under sequence parallelism, :mod:`.distributed`) and compute or reuse
-the remaining blocks (one host sync per call). FirstBlockCache's signal is the first
+``Σ|s - s_ref| / Σ|s_ref|`` over the call's whole batch (``rel_l1``) and compute or reuse
+the remaining blocks (one host sync per call). Under sequence parallelism both sums are
+all-reduced over the ranks of ``group`` (:mod:`.distributed`; by default the group of
+diffusers' context parallelism when it is enabled on the model), so every rank takes the
+single-process decision. FirstBlockCache's signal is the first
 blocks' residual of ``hidden_states`` (as diffusers' ``FirstBlockCacheConfig``);
 TeaCache's is the output of block 0's ``norm1`` (the timestep-modulated input for
 AdaLN-Zero blocks), and block 0 is computed before deciding.
+
+With diffusers hooks on the transformer (context parallelism's input split, ...), a static
+plan's ``forward`` variant is installed beneath them, where the class ``forward`` was.
 
 Steps are counted per cache context: diffusers pipelines name their calls with
 ``transformer.cache_context("cond" | "uncond" | ...)`` and each name keeps its own
@@ -44,7 +49,7 @@ import torch
 from .. import ops
 from ..plan import CachePlan
 from ..runtime.executor import COMPUTE, REUSE, STORE
-from .distributed import all_reduce_sums
+from .distributed import all_reduce_sums, context_parallel_group
 
 __all__ = ["enable", "disable", "summary", "reset", "SUPPORTED_MODELS"]
 
@@ -142,6 +147,7 @@ class _Runtime:
         self.contexts: dict = {}
         self.variants: dict = {}
         self.handles: list = []
+        self.inner_saved = None  # (hook reference, attribute, value) replaced by _install
         self.norm1_out = None
         self.last_rel, self.teacache, self.step_actions = None, False, None
         if self.kind == "dynamic":
@@ -250,7 +256,29 @@ class _Runtime:
             f.__kwdefaults__, f.__qualname__ = fn.__kwdefaults__, fn.__qualname__
             f.__dict__.update(fn.__dict__)
             fwd = self.variants[key] = types.MethodType(f, self.transformer)
-        self.transformer.forward = fwd
+        self._install(fwd)
+
+    def _install(self, fwd):
+        """Make ``fwd`` the transformer's forward: an instance attribute or, when diffusers hooks
+        wrap the forward (context parallelism's input split, ...), the innermost hook's."""
+        refs = getattr(vars(self.transformer).get("_diffusers_hook"), "_fn_refs", None)
+        if not refs:
+            self.transformer.forward = fwd
+            return
+        ref = refs[0]  # wraps what was the forward when the first hook was registered
+        attr = "original_forward" if ref.original_forward is not None else "forward"
+        old = getattr(ref, attr)
+        if not self._is_variant(old) and self.inner_saved is None:
+            self.inner_saved = (ref, attr, old)
+        setattr(ref, attr, fwd)
+
+    def _is_variant(self, fn):
+        return any(fn == v for v in self.variants.values())
+
+    def resolve_group(self):
+        """The group the dynamic statistics are summed over: ``enable(group=...)`` or that of
+        diffusers' context parallelism on the transformer (None: no reduction)."""
+        return self.group if self.group is not None else context_parallel_group(self.transformer)
 
     def switch(self, name):
         self._prepare(self.context(name))
@@ -395,8 +423,9 @@ class _Runtime:
         rel = None
         if ctx.ref is not None:
             sums = ops.rel_l1(sig, ctx.ref).sum(0)  # [2]: Σ|s - ref|, Σ|ref| over the local batch
-            if self.group is not None:
-                all_reduce_sums(sums, self.group)
+            group = self.resolve_group()
+            if group is not None:
+                all_reduce_sums(sums, group)
             rel = (sums[0] / sums[1]).item()  # the call's one host sync
         ctx.compute = ctx.decider.decide(ctx.step, [rel])[0]
         if not ctx.compute and not ctx.stored[0]:
@@ -449,7 +478,10 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
         granularity: ``"step"`` or ``"block"``; default the policy's (``"branch"``
             policies use ``"block"``).
         group: a ``torch.distributed`` process group over which the sequence is sharded;
-            dynamic policies sum their statistics over it so every rank decides alike.
+            dynamic policies sum their statistics over it so every rank decides alike. None:
+            the group of diffusers' context parallelism when it is enabled on the
+            transformer (``enable_parallelism(config=ContextParallelConfig(...))``, before or
+            after this call), else no reduction.
 
     Raises:
         RuntimeError: caching is already enabled on this transformer.
@@ -527,7 +559,18 @@ def disable(pipe_or_transformer) -> None:
         del blk.forward
         if fwd is not None:
             blk.forward = fwd
+    refs = getattr(vars(transformer).get("_diffusers_hook"), "_fn_refs", None)
+    if refs:  # a static variant beneath diffusers hooks: put back what it replaced
+        ref = refs[0]
+        for attr in ("original_forward", "forward"):
+            if rt._is_variant(getattr(ref, attr)):
+                saved = rt.inner_saved
+                setattr(ref, attr, saved[2] if saved is not None and saved[:2] == (ref, attr) else
+                        rt.saved.get("forward", types.MethodType(rt.class_forward, transformer)))
     for name in ("forward", "cache_context"):
+        cur = vars(transformer).get(name)
+        if name == "forward" and cur is not None and not rt._is_variant(cur) and cur is not rt.saved.get(name):
+            continue  # installed after enable() (diffusers hooks): left in place
         vars(transformer).pop(name, None)
         if name in rt.saved:
             setattr(transformer, name, rt.saved[name])
