@@ -160,6 +160,17 @@ class CachePlan:
         compute = [[[True, True] for _ in range(blocks)] for _ in range(steps)]
         return cls(steps, blocks, granularity, compute, meta=dict(meta or {"policy": "NoCache"}))
 
+    def to_block(self) -> CachePlan:
+        """This plan at ``block`` granularity, for engines whose blocks expose no separate
+        attention/MLP branches (diffusers): a block computes where either branch computes
+        (never less compute than planned). A branch plan's ``gamma``/``gamma2`` were fitted
+        on branch caches, so they are dropped (plain reuse)."""
+        if self.granularity != "branch":
+            return self
+        compute = [[[a or m, a or m] for a, m in row] for row in self.compute]
+        return CachePlan(self.steps, self.blocks, "block", compute,
+                         meta=dict(self.meta, projected_from="branch"))
+
     def compute_tensor(self) -> torch.Tensor:
         """``compute`` as a bool tensor ``[steps, blocks, 2]``."""
         return torch.tensor(self.compute, dtype=torch.bool)

@@ -82,7 +82,43 @@ def test_errors():
         od.enable(m, CachePlan.full(STEPS + 1, _n_blocks(m)), steps=STEPS)
     assert not hasattr(m, od._ATTR)
     with pytest.raises(ValueError, match="granularity"):
-        od.enable(m, CachePlan.full(STEPS, _n_blocks(m), "branch"), steps=STEPS)
+        od.enable(m, CachePlan.full(STEPS, _n_blocks(m), "branch"), steps=STEPS, granularity="step")
+
+
+def _l2c_like_plan(steps, blocks):
+    """A branch-level plan shaped like Learning-to-Cache's: full steps alternate; at the steps
+    between, some attention and some MLP branches reuse (gamma as the correction fits it)."""
+    compute = [[[i % 2 == 0 or (b + i) % 3 == 0, i % 2 == 0 or (b + i) % 2 == 1] for b in range(blocks)]
+               for i in range(steps)]
+    gamma = [0.0 if i % 2 == 0 or i < 3 else 0.5 for i in range(steps)]
+    return CachePlan(steps, blocks, "branch", compute, gamma, meta={"policy": "L2C"})
+
+
+@pytest.mark.parametrize("name", ["DiT", "Flux", "Wan"])
+def test_l2c_branch_plan_runs_per_block(name, tmp_path):
+    """An L2C plan (branch level) runs at block granularity: a block computes where either of its
+    branches does; the same through ``L2CConfig(plan_path=...)``."""
+    from omnicache.policies import L2CConfig
+
+    m, shape, inputs = dm.make(name)
+    plan = _l2c_like_plan(STEPS, _n_blocks(m))
+    block = plan.to_block()
+    assert block.granularity == "block" and not any(block.gamma)
+    assert [[c[0] for c in row] for row in block.compute] == [[a or b for a, b in row] for row in plan.compute]
+    path = tmp_path / "l2c.json"
+    plan.save(path)
+    traces = []
+    for config in (plan, L2CConfig(plan_path=str(path)), block):
+        od.enable(m, config, steps=STEPS)
+        out = dm.sample(m, shape, inputs, STEPS)
+        s = od.summary(m)
+        od.disable(m)
+        assert s["granularity"] == "block" and s["compute_fraction"] < 1
+        traces.append((s["contexts"][None]["trace"], out))
+    expect = [[c[0] for c in row] for row in block.compute]
+    for trace, out in traces:
+        assert [list(map(bool, row)) for row in trace] == expect
+        assert all(torch.equal(a, b) for a, b in zip(out, traces[-1][1]))
 
 
 def test_cache_contexts_keep_separate_state():

@@ -135,8 +135,8 @@ class _Runtime:
             raise TypeError(f"config must be a CachePlan or a policy config, got {type(config).__name__}")
         if granularity is None:
             granularity = getattr(config, "granularity", "step")
-            if granularity == "branch" and not isinstance(config, CachePlan):
-                granularity = "block"  # diffusers blocks expose no shared attention/MLP branch API
+            if granularity == "branch":  # diffusers blocks expose no shared attention/MLP branch API:
+                granularity = "block"  # branch plans (FORA, L2C) run per block (CachePlan.to_block)
         if granularity not in ("step", "block"):
             raise ValueError(f"omnicache.integrations.diffusers supports granularity 'step' or 'block', "
                              f"got {granularity!r}")
@@ -179,6 +179,8 @@ class _Runtime:
             plan = cfg if isinstance(cfg, CachePlan) else cfg.plan(steps, self.n, granularity=self.granularity)
             if plan.steps != steps:
                 raise ValueError(f"CachePlan.steps: plan has {plan.steps} steps but sampling runs {steps}")
+            if plan.granularity == "branch" and self.granularity == "block":
+                plan = plan.to_block()
             if plan.blocks != self.n:
                 raise ValueError(f"CachePlan.blocks: plan has {plan.blocks} blocks but "
                                  f"{type(self.transformer).__name__} has {self.n}")
@@ -476,7 +478,8 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
             ``TeaCacheConfig``, ``FirstBlockCacheConfig``, ...).
         steps: sampling steps per run; with a pipeline, read from its scheduler if None.
         granularity: ``"step"`` or ``"block"``; default the policy's (``"branch"``
-            policies use ``"block"``).
+            policies and plans, e.g. Learning-to-Cache's, run at ``"block"``: a block computes
+            where either of its branches does, :meth:`CachePlan.to_block`).
         group: a ``torch.distributed`` process group over which the sequence is sharded;
             dynamic policies sum their statistics over it so every rank decides alike. None:
             the group of diffusers' context parallelism when it is enabled on the

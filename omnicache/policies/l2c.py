@@ -85,17 +85,21 @@ class L2CConfig:
             raise ValueError(f"L2CConfig.plan_path must be a path string or None, got {self.plan_path!r}")
 
     def plan(self, steps: int, blocks: int, granularity: str | None = None) -> CachePlan:
-        """The saved plan (``plan_path``); without one, use :meth:`calibrate` (it trains)."""
+        """The saved plan (``plan_path``); without one, use :meth:`calibrate` (it trains, on
+        omnicache's DiT). ``granularity="block"`` projects it (:meth:`CachePlan.to_block`),
+        for engines without separate branches (the diffusers integration)."""
         if self.plan_path is None:
             raise ValueError("L2CConfig.plan_path is None: train the router on a model first "
-                             "(generate() and the executor do this themselves)")
-        if granularity not in (None, "branch"):
-            raise ValueError(f"granularity: an L2C plan is branch-level, got {granularity!r}")
+                             "(generate() and the executor do this on omnicache's DiT; for other engines "
+                             "pass a plan written by `omnicache train-router`)")
+        if granularity not in (None, "branch", "block"):
+            raise ValueError(f"granularity: an L2C plan is branch-level (or projected to 'block'), "
+                             f"got {granularity!r}")
         plan = CachePlan.load(self.plan_path)
         if plan.steps != steps or plan.blocks != blocks:
             raise ValueError(f"L2CConfig.plan_path: plan is for {plan.steps} steps x {plan.blocks} "
                              f"blocks, the run has {steps} x {blocks}")
-        return plan
+        return plan.to_block() if granularity == "block" else plan
 
     def training_key(self) -> tuple:
         return (self.refresh, self.lam, self.iters, self.lr, self.batch, self.init, self.weight_decay,
