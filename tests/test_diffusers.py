@@ -217,7 +217,7 @@ def test_first_block_cache_matches_diffusers(name):
     assert _max_err(ours, theirs) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["DiT", "Flux", "Wan"])
+@pytest.mark.parametrize("name", MODELS)
 def test_compile_fullgraph_no_recompile(name):
     """TaylorSeer order 2 (STORE / REUSE steps, D1 and D2, per-step gamma): every step pattern
     compiles once with fullgraph=True; no recompile over two runs; equal to eager."""
