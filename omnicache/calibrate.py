@@ -467,15 +467,10 @@ def build_plan(model, traj: Trajectory, *, compute_fraction: float, warmup: int,
 
 
 # -------------------------------------------------------------- omnicache calibrate
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit status 2, no usage dump or traceback."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="omnicache calibrate",
+    from .cli import OneLineParser
+
+    p = OneLineParser(prog="omnicache calibrate",
                 description="Calibrate OmniCache on the embedded default model and write its CachePlan (JSON).")
     p.add_argument("--policy", required=True, choices=["omnicache"], help="the policy to calibrate")
     p.add_argument("--compute-fraction", type=float, required=True, help="share of the steps to compute, in (0, 1]")

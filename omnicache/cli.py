@@ -17,7 +17,7 @@ import sys
 import torch
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Bad arguments: one line on stderr, exit status 2, no usage dump or traceback."""
 
     def error(self, message):
@@ -181,8 +181,8 @@ def _add_run_args(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .evaluate import POLICIES
 
-    parser = _Parser(prog="omnicache", description="Feature caching for Diffusion Transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="omnicache", description="Feature caching for Diffusion Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     demo = sub.add_parser("demo", help="every policy at its default vs uncached, on the embedded model")
     _add_run_args(demo)
     demo.add_argument("--out", default="out/demo", help="folder for samples.png and demo.json (default out/demo)")

@@ -388,18 +388,12 @@ def export_plan(beta: torch.Tensor, mask: list[bool], flops: dict, *, threshold:
 
 
 # ------------------------------------------------------------------ omnicache train-router
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit status 2, no usage dump or traceback."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
+    from .cli import OneLineParser
     from .policies.l2c import L2CConfig
 
     d = L2CConfig()
-    p = _Parser(prog="omnicache train-router",
+    p = OneLineParser(prog="omnicache train-router",
                 description="Learning-to-Cache: train a router on the embedded default model (frozen) and "
                             "write the thresholded branch-level CachePlan (JSON).")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
