@@ -325,12 +325,11 @@ def train_router(model, ts: TrainingSet, *, refresh: int = 2, lam: float = 1e-4,
 
 
 # ------------------------------------------------------------------ export
-def _fraction(compute: torch.Tensor, flops: dict) -> float:
-    """FLOP fraction of a branch-granularity ``compute`` (steps, blocks, 2) bool tensor."""
+def _spent(compute: torch.Tensor, flops: dict):
+    """FLOPs per sample of a branch-granularity ``compute`` (steps, blocks, 2) bool tensor."""
     steps, blocks = compute.shape[:2]
-    spent = (steps * (flops["embed"] + flops["final"] + blocks * flops["block_modulation"])
-             + flops["block_attn"] * int(compute[:, :, 0].sum()) + flops["block_mlp"] * int(compute[:, :, 1].sum()))
-    return spent / (steps * flops["total"])
+    return (steps * (flops["embed"] + flops["final"] + blocks * flops["block_modulation"])
+            + flops["block_attn"] * int(compute[:, :, 0].sum()) + flops["block_mlp"] * int(compute[:, :, 1].sum()))
 
 
 def removed_shares(compute: torch.Tensor, mask: list[bool]) -> tuple[float, float]:
@@ -360,18 +359,16 @@ def export_plan(beta: torch.Tensor, mask: list[bool], flops: dict, *, threshold:
         used = float(threshold)
     else:
         # rank the cache-step branches by β (ties: step, block, branch order) and take the cut
-        # whose plan spends the fraction nearest the target (ties: the larger fraction)
-        cand = [(-float(beta[i, b, k]), i, b, k) for i in range(steps) if not mask[i]
-                for b in range(blocks) for k in (0, 1)]
-        cand.sort()
-        compute = full.clone()
-        best = (abs(_fraction(compute, flops) - compute_fraction), 0)
-        for n, (_, i, b, k) in enumerate(cand, 1):
-            compute[i, b, k] = True
-            gap = abs(_fraction(compute, flops) - compute_fraction)
-            if gap < best[0] - 1e-12:
-                best = (gap, n)
-        n = best[1]
+        # whose plan spends the fraction nearest the target (ties: the smaller fraction); each
+        # branch kept adds its own FLOPs, so the fractions of all cuts are a running sum
+        cand = sorted((-float(beta[i, b, k]), i, b, k) for i in range(steps) if not mask[i]
+                      for b in range(blocks) for k in (0, 1))
+        unit, spent = steps * flops["total"], _spent(full, flops)
+        n, best = 0, abs(spent / unit - compute_fraction)
+        for m, (_, _, _, k) in enumerate(cand, 1):
+            spent += flops["block_attn" if k == 0 else "block_mlp"]
+            if abs(spent / unit - compute_fraction) < best - 1e-12:
+                n, best = m, abs(spent / unit - compute_fraction)
         compute = full.clone()
         for _, i, b, k in cand[:n]:
             compute[i, b, k] = True
