@@ -49,6 +49,20 @@ def _decisions(rank=None, world=1, group=None):
     return out
 
 
+def _start_ranks(target):
+    """Start ``WORLD`` spawned processes ``target(rank, port, queue)`` on a free localhost port;
+    returns ``(processes, queue)``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    return procs, queue
+
+
 def _worker(rank, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -61,14 +75,7 @@ def _worker(rank, port, queue):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_sharded_decisions_equal_single_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
+    procs, queue = _start_ranks(_worker)
     results = dict((r, (red, local)) for r, red, local in (queue.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(timeout=60)
@@ -200,14 +207,7 @@ def test_diffusers_context_parallel_equals_single_process():
     and the output equals the single-process output; a static plan too. Each rank's own shard
     measures other statistics than the whole sequence (the reduction matters)."""
     from omnicache.policies import FORAConfig
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_cp_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
+    procs, queue = _start_ranks(_cp_worker)
     try:
         m, kw = _flux()  # the single-process runs, meanwhile
         ref_out, s, _ = _run(m, kw, FirstBlockCacheConfig(threshold=CP_THRESHOLD))
