@@ -344,9 +344,8 @@ def run_sampler(model, classifier, sampler: str, args, log) -> list[dict]:
         for method, fields in forms:
             config = OmniCacheConfig(compute_fraction=target, **fields)
             t0 = time.perf_counter()
-            config.calibrate(model, steps=args.steps, sampler=sampler, guidance=bench.guidance)  # cached plan
+            plan = bench.resolve(config)  # calibrated once, held by the bench
             calibrate_s = time.perf_counter() - t0
-            plan = config.calibrate(model, steps=args.steps, sampler=sampler, guidance=bench.guidance)
             row = row_of(bench, method, target, config, retime=not method.startswith("ablation"),
                          kind="omnicache", calibrate_s=calibrate_s,
                          schedule="".join("C" if r[0][0] else "." for r in plan.compute))
@@ -376,7 +375,7 @@ def l2c_rows(bench, target: float, refresh: int, log, kind: str = "l2c", setting
         fields = dict(dict(compute_fraction=target, refresh=refresh, correction=correction), **(settings or {}))
         config = L2CConfig(**fields)
         t0 = time.perf_counter()
-        plan = config.calibrate(bench.model, steps=bench.steps, sampler=bench.sampler, guidance=bench.guidance)
+        plan = bench.resolve(config)
         seconds = time.perf_counter() - t0
         row = row_of(bench, method, target, config, kind=kind, train_s=plan.meta["train_seconds"],
                      calibrate_s=round(seconds, 1), removed_in_cache_steps=plan.meta["removed_in_cache_steps"],
@@ -392,7 +391,7 @@ def l2c_native_rows(bench, tune_ref, tune_labels, log) -> list:
     """L2C at its own operating point (default router, threshold 0.5) and, at that compute
     fraction, FORA, TaylorSeer order 2 (tuned like every static baseline) and OmniCache."""
     config = L2CConfig()
-    plan = config.calibrate(bench.model, steps=bench.steps, sampler=bench.sampler, guidance=bench.guidance)
+    plan = bench.resolve(config)
     fraction = plan.compute_fraction(bench.model.flops_per_sample())
     rows = l2c_rows(bench, fraction, config.refresh, log, kind="l2c-native", settings=dict(compute_fraction=None))
     for r in rows:

@@ -77,7 +77,7 @@ from omnicache.policies import (
 from omnicache.runtime.executor import CacheExecutor
 from omnicache.runtime.model import DiT, DiTConfig
 from omnicache.runtime.syncguard import _SYNCING
-from omnicache.schedule import max_reuse_steps
+from omnicache.policies.omnicache.schedule import max_reuse_steps
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 REQUIRED_KEYS = ("policy", "compute_fraction", "ideal_speedup", "measured_speedup", "host_syncs_per_step",
@@ -172,10 +172,7 @@ def make_policy(name: str, args, steps: int, depth: int):
 # ----------------------------------------------------------------------- the loops
 def zero_caches(ex: CacheExecutor) -> None:
     """What ``CacheExecutor.run`` does first: every run starts from zeroed caches."""
-    for unit in ex._cache.values():
-        for t in unit:
-            if t is not None:
-                t.zero_()
+    ex.reset_cache()
     if ex.decider is not None:
         ex._ref = None
         ex.decider.start(ex.batch)
@@ -318,10 +315,6 @@ def bench_policy(name, args, model, labels, device, modes, x0_seed=0):
     steps, depth = args.steps, len(model.blocks)
     policy = make_policy(name, args, steps, depth)
     ex = CacheExecutor(model, labels, policy, steps=steps, sampler=args.sampler, guidance=args.guidance)
-    if name == "omnicache":  # free the calibration trajectory (every step's residuals)
-        from omnicache.policies import omnicache as _omni
-
-        _omni._TRAJECTORIES.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     x0 = ex.init_noise(x0_seed)

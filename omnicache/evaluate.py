@@ -138,8 +138,20 @@ class Bench:
         self.reference = self._run(None)
         self.reference_acc = class_acc(self.classifier, self.reference.samples, self.labels)
 
+    def resolve(self, config):
+        """``config`` as what a run takes: a policy fitted on the model (OmniCache, L2C) is
+        calibrated once on this bench's setting and its plan kept here, with the bench."""
+        if not hasattr(config, "calibrate") or getattr(config, "plan_path", None) is not None:
+            return config
+        plans = self.__dict__.setdefault("_plans", {})
+        if config not in plans:
+            guidance = self.guidance if self.guidance is not None else getattr(self.model, "default_guidance", 1.0)
+            plans[config] = config.calibrate(self.model, steps=self.steps, sampler=self.sampler, guidance=guidance)
+        return plans[config]
+
     def _run(self, policy):
         """The run with the smallest wall time of ``repeats`` (samples are identical)."""
+        policy = self.resolve(policy)
         best = None
         for _ in range(self.repeats):
             r = generate(self.model, self.labels, policy=policy, steps=self.steps, sampler=self.sampler,
@@ -169,7 +181,7 @@ class Bench:
     def compute_fraction(self, config) -> float:
         """Compute fraction of ``config`` on this bench (static plans: one sample suffices)."""
         labels = self.labels[:1] if getattr(config, "kind", "static") == "static" else self.labels
-        r = generate(self.model, labels, policy=config, steps=self.steps, sampler=self.sampler,
+        r = generate(self.model, labels, policy=self.resolve(config), steps=self.steps, sampler=self.sampler,
                      guidance=self.guidance, seed=self.seed)
         return r.summary.compute_fraction
 

@@ -4,11 +4,11 @@ import torch
 
 
 def cache_state(ex):
-    return [t.clone() for unit in ex._cache.values() for t in unit if t is not None]
+    return [t.clone() for t in ex.cache_tensors()]
 
 
 def restore_cache(ex, saved):
-    for t, s in zip([t for unit in ex._cache.values() for t in unit if t is not None], saved):
+    for t, s in zip(ex.cache_tensors(), saved):
         t.copy_(s)
 
 

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from omnicache import calibrate, l2c
+from omnicache.policies.l2c import export as l2c_export, router as l2c
+from omnicache.policies.omnicache import calibrate
 from omnicache.api import generate
 from omnicache.cli import main as cli_main
 from omnicache.plan import CachePlan
@@ -134,12 +135,12 @@ def test_theta_is_clamped(tiny, ts):
 def test_thresholded_plan_matches_beta(tiny, trained):
     beta, mask = trained.beta, trained.refresh
     for thr in (0.2, 0.5, 0.8):
-        plan = l2c.export_plan(beta, mask, tiny.flops_per_sample(), threshold=thr)
+        plan = l2c_export.export_plan(beta, mask, tiny.flops_per_sample(), threshold=thr)
         comp = plan.compute_tensor()
         expect = torch.tensor(mask)[:, None, None] | (beta > thr)
         assert torch.equal(comp, expect)
         assert plan.granularity == "branch" and plan.meta["threshold"] == thr
-        shares = l2c.removed_shares(comp, mask)
+        shares = l2c_export.removed_shares(comp, mask)
         assert plan.meta["removed_in_cache_steps"] == round(shares[0], 4)
         cache = ~torch.tensor(mask)
         assert shares[0] == pytest.approx(float((~comp[cache]).float().mean()))
@@ -149,7 +150,7 @@ def test_thresholded_plan_matches_beta(tiny, trained):
 @pytest.mark.parametrize("target", [0.6, 0.75, 0.9])
 def test_compute_fraction_calibration(tiny, trained, target):
     flops = tiny.flops_per_sample()
-    plan = l2c.export_plan(trained.beta, trained.refresh, flops, compute_fraction=target)
+    plan = l2c_export.export_plan(trained.beta, trained.refresh, flops, compute_fraction=target)
     got = plan.compute_fraction(flops)
     # one branch is the finest step; no cut of the ranking lands nearer the target
     step = flops["block_mlp"] / (STEPS * flops["total"])
@@ -166,11 +167,11 @@ def test_compute_fraction_calibration(tiny, trained, target):
 def test_export_bad_arguments(tiny, trained):
     flops = tiny.flops_per_sample()
     with pytest.raises(ValueError, match="threshold"):
-        l2c.export_plan(trained.beta, trained.refresh, flops, threshold=1.0)
+        l2c_export.export_plan(trained.beta, trained.refresh, flops, threshold=1.0)
     with pytest.raises(ValueError, match="compute_fraction"):
-        l2c.export_plan(trained.beta, trained.refresh, flops, compute_fraction=0.0)
+        l2c_export.export_plan(trained.beta, trained.refresh, flops, compute_fraction=0.0)
     with pytest.raises(ValueError, match="refresh mask"):
-        l2c.export_plan(trained.beta, [False] + trained.refresh[1:], flops)
+        l2c_export.export_plan(trained.beta, [False] + trained.refresh[1:], flops)
 
 
 # ------------------------------------------------------------------ config and execution
@@ -307,7 +308,7 @@ def test_shipped_plans_fit_the_default_model(sampler):
     model = load_default()
     plan.check_matches(model, 50)
     mask = [i in plan.meta["refresh"] for i in range(50)]
-    in_cache, overall = l2c.removed_shares(plan.compute_tensor(), mask)
+    in_cache, overall = l2c_export.removed_shares(plan.compute_tensor(), mask)
     assert plan.meta["removed_in_cache_steps"] == round(in_cache, 4) and in_cache >= 0.4
     assert plan.meta["sampler"] == sampler and any(plan.gamma)
     assert default_l2c_plan(sampler, 49) is None

@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from omnicache import calibrate, metrics, schedule
+from omnicache import cli, metrics
+from omnicache.policies.omnicache import calibrate, schedule
 from omnicache.api import generate
 from omnicache.plan import CachePlan
 from omnicache.policies import OmniCacheConfig, forecast_coefficients
@@ -220,8 +221,7 @@ def test_compiled_step_equals_eager(tiny, omni_plan):
         with torch.no_grad():
             for i in range(step):
                 x, _ = ex.step_fn(i)(x)
-            bufs = [t for unit in list(ex._cache.values()) + list(ex._filtered.values()) for t in unit
-                    if t is not None]
+            bufs = ex.cache_tensors()
             before = [t.clone() for t in bufs]
             eager, _ = ex.step_fn(step)(x)
             after = [t.clone() for t in bufs]
@@ -253,7 +253,7 @@ def test_correction_beats_plain_reuse_on_the_default_model(sampler):
 # --------------------------------------------------------- omnicache calibrate
 def test_calibrate_main_writes_a_loadable_plan(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    rc = calibrate.main(["--policy", "omnicache", "--compute-fraction", "0.5", "--steps", "8", "--samples", "4",
+    rc = cli.cmd_calibrate(["--policy", "omnicache", "--compute-fraction", "0.5", "--steps", "8", "--samples", "4",
                          "--seed", "3", "--set", "order=1", "--set", "max_consecutive=2", "--out", str(out)])
     assert rc == 0
     assert str(out) in capsys.readouterr().out
@@ -277,7 +277,7 @@ def test_calibrate_main_writes_a_loadable_plan(tmp_path, capsys):
     (["--policy", "omnicache", "--compute-fraction", "0.5", "--out", "/no/such/dir/x.json"], "does not exist"),
 ])
 def test_calibrate_main_bad_arguments(args, needle, capsys):
-    assert calibrate.main(args) == 2
+    assert cli.cmd_calibrate(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert needle in err

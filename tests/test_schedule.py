@@ -1,4 +1,4 @@
-"""omnicache.schedule: the DP against brute force, curvature against float64 numpy,
+"""omnicache.policies.omnicache.schedule: the DP against brute force, curvature against float64 numpy,
 the γ fits, reuse error and stage-aware filtering."""
 
 import itertools
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from omnicache import schedule
-from omnicache.schedule import (
+from omnicache.policies.omnicache import schedule
+from omnicache.policies.omnicache.schedule import (
     budget_for_compute_fraction,
     compute_schedule,
     curvature,

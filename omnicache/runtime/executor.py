@@ -37,73 +37,12 @@ import time
 
 import torch
 
-from .. import ops, schedule
+from ..cache import COMPUTE, REUSE, STORE, CacheUnit, RunSummary, plan_order, relative_change, unit_actions
+from ..filters import filter_delta
 from ..plan import CachePlan
 from .samplers import cfg_batch, cfg_combine, cfg_labels, make_sampler
 
 __all__ = ["CacheExecutor", "RunSummary"]
-
-COMPUTE, STORE, REUSE = 0, 1, 2  # static actions per cache unit and step
-
-
-def _per_sample_rel(stats: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
-    """``[rows, k]`` sums -> ``[B]`` relative L1 ``(Σ col0) / (Σ col1)`` over a sample's rows."""
-    s = stats.reshape(rows_per_sample, -1, stats.shape[1]).sum(0)
-    return s[:, 0] / s[:, 1]
-
-
-@dataclasses.dataclass
-class RunSummary:
-    """What a sampling run did.
-
-    ``decisions[i, b, k]``: fraction of samples that computed branch ``k`` (0 attention,
-    1 MLP) of block ``b`` at step ``i``. ``compute_fraction = flops / flops_uncached``,
-    FLOPs from ``model.flops_per_sample()`` times the rows that ran each part.
-    ``stats``: per step, a dict of per-sample lists (see the executor); read lazily.
-    """
-
-    policy: str
-    granularity: str
-    decisions: torch.Tensor
-    flops: float
-    flops_uncached: float
-    wall_s: float
-    cache_bytes: int
-    batch: int
-    rows_per_sample: int
-    raw_stats: list = dataclasses.field(repr=False, default_factory=list)
-
-    @property
-    def compute_fraction(self) -> float:
-        return self.flops / self.flops_uncached
-
-    @functools.cached_property
-    def stats(self) -> list[dict]:
-        """Per step, per-sample lists (read back from the device here, once).
-
-        Static plans: ``residual_rel_l1`` (at steps that stored a residual): mean over the
-        stored units of ``Σ|F_new - F_old| / Σ|F_old|``. Dynamic policies: ``signal_rel_l1``
-        (None at step 0), ``compute``, ``residual_rel_l1`` of the remaining blocks' residual
-        (None where the sample reused), plus the decider's own entries.
-        """
-        out = []
-        for d in self.raw_stats:
-            if isinstance(d, tuple):  # static: the [rows, 4] stats of each stored unit
-                rel = [_per_sample_rel(s, self.rows_per_sample) for s in d]
-                out.append({"residual_rel_l1": torch.stack(rel).mean(0).tolist()} if rel else {})
-                continue
-            d = dict(d)
-            store = d["residual_rel_l1"]
-            per = [None] * self.batch
-            if isinstance(store, tuple):  # a sub-batch computed
-                for s, v in zip(store[0], _per_sample_rel(store[1], self.rows_per_sample).tolist()):
-                    per[s] = v
-            elif store is not None:
-                per = _per_sample_rel(store, self.rows_per_sample).tolist()
-            d["residual_rel_l1"] = per
-            out.append(d)
-        return out
-
 
 class CacheExecutor:
     """Sampling with feature caching on a :class:`~omnicache.runtime.model.DiT`.
@@ -167,41 +106,43 @@ class CacheExecutor:
         return torch.zeros(self.hidden_shape, device=self.device, dtype=self.dtype)
 
     @property
+    def cache_units(self) -> dict:
+        """The cache core's units (:class:`omnicache.cache.CacheUnit`), by unit key."""
+        return self._cache
+
+    def cache_tensors(self) -> list:
+        """Every buffer held across steps (cache units, incl. filtered drifts)."""
+        return [t for unit in self._cache.values() for t in unit.tensors()]
+
+    @property
     def cache_bytes(self) -> int:
         """Bytes held across steps: cache buffers, plus a dynamic policy's reference signal."""
         ref = self._ref.nbytes if self.decider is not None and self._ref is not None else 0
-        units = list(self._cache.values()) + list(getattr(self, "_filtered", {}).values())
-        return ref + sum(t.nbytes for unit in units for t in unit if t is not None)
+        return ref + sum(unit.nbytes for unit in self._cache.values())
 
     def _prepare_static(self):
         """Turn the plan into per-step action lists and allocate only the buffers it reads."""
         plan, depth = self.plan, len(self.blocks)
         self.granularity = plan.granularity
         if plan.granularity == "step":
-            units = {0: [row[0][0] for row in plan.compute]}
+            keys = [0]
+            comp = [[row[0][0]] for row in plan.compute]
         elif plan.granularity == "block":
-            units = {b: [row[b][0] for row in plan.compute] for b in range(depth)}
+            keys = list(range(depth))
+            comp = [[row[b][0] for b in range(depth)] for row in plan.compute]
         else:
-            units = {(b, k): [row[b][k] for row in plan.compute] for b in range(depth) for k in (0, 1)}
-        order = 2 if any(plan.gamma2) else 1 if any(plan.gamma) else 0
-        self._actions = [{} for _ in range(self.steps)]
-        self._cache = {}
-        for u, comp in units.items():
-            reused = not all(comp)
-            if reused:
-                self._cache[u] = (self._zeros(), self._zeros() if order >= 1 else None,
-                                  self._zeros() if order >= 2 else None)
-            for i, c in enumerate(comp):
-                # Store when a later step reads the value: the next step reuses it, or the
-                # differences D1/D2 need every computed value.
-                nxt_reuse = i + 1 < self.steps and not comp[i + 1]
-                self._actions[i][u] = REUSE if not c else STORE if reused and (order or nxt_reuse) else COMPUTE
+            keys = [(b, k) for b in range(depth) for k in (0, 1)]
+            comp = [[row[b][k] for b in range(depth) for k in (0, 1)] for row in plan.compute]
+        order = plan_order(plan)
+        acts = unit_actions(comp, order)
+        self._actions = [dict(zip(keys, row)) for row in acts]
+        self._filter = self._filter_setting(plan, order)
+        like = self._zeros()
+        self._cache = {u: CacheUnit(order, self._filter).allocate(like) for n, u in enumerate(keys)
+                       if not all(row[n] for row in comp)}
         # gamma as preallocated float32 device scalars (apply_residual_ reads them on device)
         g = torch.tensor(plan.gamma, dtype=torch.float32, device=self.device)
         self._gamma = [g[i] for i in range(self.steps)]
-        self._filter, self._filtered = self._filter_setting(plan, order), {}
-        if self._filter is not None:  # the filtered drifts that reuse steps read
-            self._filtered = {u: (self._zeros(), self._zeros() if order >= 2 else None) for u in self._cache}
 
     def _filter_setting(self, plan, order):
         """``plan.meta["filter"]`` (stage-aware filtering of D1/D2 over the token grid), checked."""
@@ -216,17 +157,41 @@ class CacheExecutor:
             raise ValueError(f"CachePlan.meta.filter.grid: must be [H, W] with H * W = {self.hidden_shape[1]} "
                              f"tokens, got {list(grid)}")
         try:  # check the cut-offs now, not at the first full step
-            schedule.filter_delta(torch.zeros(1, self.hidden_shape[1], 1), grid, 0.0, **setting)
+            filter_delta(torch.zeros(1, self.hidden_shape[1], 1), grid, 0.0, **setting)
         except (TypeError, ValueError) as e:
             raise ValueError(f"CachePlan.meta.filter: {e}") from None
         return grid, setting
 
     def _prepare_dynamic(self):
         self.granularity = "step"
-        self._cache = {"rest": (self._zeros(), None, None)}
+        self._cache = {"rest": CacheUnit(0).allocate(self._zeros())}
         self._ref = None  # the decider's reference signal (rows, T, D)
 
     # ---------------------------------------------------------------- shared step parts
+    # ------------------------------------------------ the engine interface for methods
+    # Calibration (OmniCache's γ fits, replays) drives a run step by step through these.
+    def embed(self, i: int, x: torch.Tensor):
+        """``(h, c)``: the block stack's input and the conditioning at step ``i`` from latent ``x``."""
+        return self._embed(i, x)
+
+    def finish(self, i: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The next latent from the block stack's output ``h``: final layer, guidance, sampler step."""
+        return self._finish(i, x, h, c)
+
+    def step(self, i: int, x: torch.Tensor):
+        """One step of the static plan: ``(x_next, stats)``."""
+        return self._static_step(i, x)
+
+    def reset_cache(self) -> None:
+        """Zero every cache buffer (a run starts from empty caches)."""
+        for unit in self._cache.values():
+            unit.reset()
+
+    def set_gamma(self, i: int, gamma: float, gamma2: float) -> None:
+        """Change step ``i``'s forecast coefficients in place (the plan and its device scalar)."""
+        self.plan.gamma[i], self.plan.gamma2[i] = float(gamma), float(gamma2)
+        self._gamma[i].fill_(float(gamma))
+
     def _embed(self, i, x):
         x_model, t = self.sampler.model_input(i, x)
         if self.cfg:
@@ -276,57 +241,20 @@ class CacheExecutor:
 
     def _reuse_residual(self, i, u, h):
         """``h += F + gamma * D1 + gamma2 * D2`` in place (D1, D2 filtered if the plan filters)."""
-        F, D1, D2 = self._cache[u]
-        if self._filter is not None:
-            D1, D2 = self._filtered[u]
-        if self.plan.gamma[i]:
-            ops.apply_residual_(h, F, D1, self._gamma[i])
-        else:
-            ops.apply_residual_(h, F)
-        if self.plan.gamma2[i]:
-            h.add_(D2, alpha=self.plan.gamma2[i])
+        self._cache[u].reuse_(h, self._gamma[i] if self.plan.gamma[i] else None, self.plan.gamma2[i] or None)
 
     def _store_residual(self, i, u, out, inp):
         """``F = out - inp``; ``D1 = F_new - F_old``; ``D2 = D1_new - D1_old``; returns [rows, 4] stats."""
-        F, D1, D2 = self._cache[u]
-        if D2 is not None:
-            # D2 holds D1_old across the store: nothing reads D1's old value after the op
-            # writes D1 (inductor in torch 2.13 mis-orders `neg(D1, out=D2); op(D1!);
-            # D2 += D1`, see tests/test_nosync.py::test_inductor_order2_store).
-            D2.copy_(D1)
-        stats = ops.store_residual_(F, D1, out, inp)
-        if D2 is not None:
-            torch.sub(D1, D2, out=D2)
-        if self._filter is not None:  # once per full step; D1/D2 stay raw for the next differences
-            grid, setting = self._filter
-            progress = i / max(self.steps - 1, 1)
-            for raw, filtered in zip((D1, D2), self._filtered[u]):
-                if filtered is not None:
-                    filtered.copy_(schedule.filter_delta(raw, grid, progress, **setting))
-        return stats
+        return self._cache[u].store(out, inp, progress=i / max(self.steps - 1, 1))
 
     def _branch(self, i, u, act, h, mod, gate, branch):
         """One branch: compute ``h + gate * branch(h, mod)`` (storing the pre-gate output), or reuse."""
-        gate = gate.unsqueeze(1)  # (rows, 1, D)
         if act == REUSE:
-            F, D1, D2 = self._cache[u]
-            h.addcmul_(gate, F)
-            if self.plan.gamma[i]:
-                h.addcmul_(gate, D1, value=self.plan.gamma[i])
-            if self.plan.gamma2[i]:
-                h.addcmul_(gate, D2, value=self.plan.gamma2[i])
-            return h
+            return self._cache[u].reuse_(h, self.plan.gamma[i] or None, self.plan.gamma2[i] or None, gate=gate)
         out = branch(h, mod)
         if act == STORE:
-            F, D1, D2 = self._cache[u]
-            if D2 is not None:
-                torch.neg(D1, out=D2)
-            if D1 is not None:
-                torch.sub(out, F, out=D1)
-            F.copy_(out)
-            if D2 is not None:
-                D2.add_(D1)
-        return h + gate * out
+            self._cache[u].store(out)
+        return h + gate.unsqueeze(1) * out
 
     # -------------------------------------------------------------------- dynamic
     def _dynamic_step(self, i, x):
@@ -339,18 +267,19 @@ class CacheExecutor:
         sig = dec.signal(self.model, h0, h, c)  # a fresh tensor (h is later updated in place)
         rel = None
         if self._ref is not None:
-            rel = _per_sample_rel(ops.rel_l1(sig, self._ref), R).tolist()  # the step's one host sync
+            rel = relative_change(sig, self._ref, rows_per_sample=R)  # the step's one host sync
         compute = dec.decide(i, rel)
         samples = [s for s in range(B) if compute[s]]
-        F = self._cache["rest"][0]
+        unit = self._cache["rest"]
+        F = unit.F
         if len(samples) == B:
             inp = h
             for blk in self.blocks[dec.first_blocks:]:
                 h = blk(h, c)
-            store = ops.store_residual_(F, None, h, inp)
+            store = unit.store(h, inp)
             self._ref = sig
         elif not samples:
-            ops.apply_residual_(h, F)
+            unit.reuse_(h)
             store = None
             if dec.ref_every_step:
                 self._ref = sig
@@ -362,11 +291,12 @@ class CacheExecutor:
             out = sub
             for blk in self.blocks[dec.first_blocks:]:
                 out = blk(out, c_sub)
-            res = F.index_select(0, rows)
-            store = (samples, ops.store_residual_(res, None, out, sub))
-            ops.apply_residual_(h, F)  # every row; the computed rows are overwritten next
+            res = CacheUnit(0)
+            res.F = F.index_select(0, rows)
+            store = (samples, res.store(out, sub))
+            unit.reuse_(h)  # every row; the computed rows are overwritten next
             h.index_copy_(0, rows, out)
-            F.index_copy_(0, rows, res)
+            F.index_copy_(0, rows, res.F)
             if dec.ref_every_step:
                 self._ref = sig
             else:
@@ -388,10 +318,7 @@ class CacheExecutor:
     def run(self, seed: int = 0, x: torch.Tensor | None = None):
         """Sample from noise drawn with ``seed`` (or from ``x``); returns ``(x_final, RunSummary)``."""
         x = self.init_noise(seed) if x is None else x
-        for unit in self._cache.values():  # every run starts from empty (zero) caches
-            for t in unit:
-                if t is not None:
-                    t.zero_()
+        self.reset_cache()  # every run starts from empty (zero) caches
         f, depth, rows, steps = self.flops, len(self.blocks), self.rows, self.steps
         raw, ran_rest = [], []
         self._sync()

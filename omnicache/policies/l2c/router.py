@@ -38,22 +38,18 @@ overall, the threshold, λ and the training curve's end points.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .plan import CachePlan
-from .runtime.samplers import cfg_combine, cfg_labels, make_sampler
+from ...runtime.samplers import cfg_combine, cfg_labels, make_sampler
 
 __all__ = ["TrainingSet", "RouterResult", "training_set", "refresh_mask", "routed_forward", "router_loss",
-           "train_router", "expected_compute",
-           "export_plan", "removed_shares", "main"]
+           "train_router", "expected_compute"]
 
 THETA_BOUND = 5.0
 
@@ -108,7 +104,7 @@ def training_set(model, *, steps: int, sampler="flow", guidance: float = 1.0, sa
             targets.append(v)
             x = sampler.step(i, x, v)
     elif data == "digits":
-        from .train_default import digits_split
+        from ...train_default import digits_split
 
         x0, y, _, _ = digits_split()
         if tuple(x0.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):
@@ -322,140 +318,3 @@ def train_router(model, ts: TrainingSet, *, refresh: int = 2, lam: float = 1e-4,
     settings = dict(refresh=refresh, lam=lam, iters=iters, lr=lr, batch=B, init=init, weight_decay=weight_decay,
                     seed=seed, data=ts.source, train_samples=N)
     return RouterResult(theta.detach(), mask, history, time.perf_counter() - t0, settings)
-
-
-# ------------------------------------------------------------------ export
-def _spent(compute: torch.Tensor, flops: dict):
-    """FLOPs per sample of a branch-granularity ``compute`` (steps, blocks, 2) bool tensor."""
-    steps, blocks = compute.shape[:2]
-    return (steps * (flops["embed"] + flops["final"] + blocks * flops["block_modulation"])
-            + flops["block_attn"] * int(compute[:, :, 0].sum()) + flops["block_mlp"] * int(compute[:, :, 1].sum()))
-
-
-def removed_shares(compute: torch.Tensor, mask: list[bool]) -> tuple[float, float]:
-    """(share of branches removed in cache steps, share removed overall)."""
-    cache = ~torch.tensor(mask, dtype=torch.bool)
-    removed = ~compute
-    in_cache = removed[cache].float().mean().item() if bool(cache.any()) else 0.0
-    return in_cache, removed.float().mean().item()
-
-
-def export_plan(beta: torch.Tensor, mask: list[bool], flops: dict, *, threshold: float = 0.5,
-                compute_fraction: float | None = None, meta: dict | None = None) -> CachePlan:
-    """Threshold ``beta`` (steps, blocks, 2) into a branch-level plan (see the module docstring)."""
-    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0.0 < threshold < 1.0):
-        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
-    if compute_fraction is not None and not (isinstance(compute_fraction, (int, float))
-                                             and not isinstance(compute_fraction, bool)
-                                             and 0.0 < compute_fraction <= 1.0):
-        raise ValueError(f"compute_fraction must be in (0, 1] or None, got {compute_fraction!r}")
-    steps, blocks = beta.shape[:2]
-    if len(mask) != steps or not mask[0]:
-        raise ValueError(f"refresh mask must have {steps} entries and start with a full step")
-    beta = beta.detach().float().cpu()
-    full = torch.tensor(mask, dtype=torch.bool)[:, None, None].expand_as(beta)
-    if compute_fraction is None:
-        compute = full | (beta > threshold)
-        used = float(threshold)
-    else:
-        # rank the cache-step branches by β (ties: step, block, branch order) and take the cut
-        # whose plan spends the fraction nearest the target (ties: the smaller fraction); each
-        # branch kept adds its own FLOPs, so the fractions of all cuts are a running sum
-        cand = sorted((-float(beta[i, b, k]), i, b, k) for i in range(steps) if not mask[i]
-                      for b in range(blocks) for k in (0, 1))
-        unit, spent = steps * flops["total"], _spent(full, flops)
-        n, best = 0, abs(spent / unit - compute_fraction)
-        for m, (_, _, _, k) in enumerate(cand, 1):
-            spent += flops["block_attn" if k == 0 else "block_mlp"]
-            if abs(spent / unit - compute_fraction) < best - 1e-12:
-                n, best = m, abs(spent / unit - compute_fraction)
-        compute = full.clone()
-        for _, i, b, k in cand[:n]:
-            compute[i, b, k] = True
-        lo = -cand[n][0] if n < len(cand) else 0.0  # the largest β left out
-        hi = -cand[n - 1][0] if n > 0 else 1.0  # the smallest β kept
-        used = (lo + hi) / 2
-    in_cache, overall = removed_shares(compute, mask)
-    info = dict(policy="L2C", threshold=round(used, 6), removed_in_cache_steps=round(in_cache, 4),
-                removed_overall=round(overall, 4), refresh=[i for i, f in enumerate(mask) if f])
-    if compute_fraction is not None:
-        info["target_compute_fraction"] = compute_fraction
-    info.update(meta or {})
-    return CachePlan(steps, blocks, "branch", compute, meta=info)
-
-
-# ------------------------------------------------------------------ omnicache train-router
-def _parser() -> argparse.ArgumentParser:
-    from .cli import OneLineParser
-    from .policies.l2c import L2CConfig
-
-    d = L2CConfig()
-    p = OneLineParser(prog="omnicache train-router",
-                description="Learning-to-Cache: train a router on the embedded default model (frozen) and "
-                            "write the thresholded branch-level CachePlan (JSON).")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--sampler", default="flow", choices=["flow", "ddim"], help="default flow")
-    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help=f"weight of Σβ (default {d.lam:g})")
-    p.add_argument("--target-compute", type=float, default=None,
-                   help="calibrate the threshold to this compute fraction (default: threshold 0.5)")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="β threshold (default 0.5)")
-    p.add_argument("--refresh", type=int, default=d.refresh, help=f"a full step every N steps (default {d.refresh})")
-    p.add_argument("--iters", type=int, default=d.iters, help=f"AdamW iterations (default {d.iters})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"samples per iteration (default {d.batch})")
-    p.add_argument("--train-samples", type=int, default=d.train_samples,
-                   help=f"trajectories to train on (default {d.train_samples})")
-    p.add_argument("--data", default=d.data, choices=["self", "digits"],
-                   help="self-generated trajectories (default) or the digits data set")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
-    p.add_argument("--correction", action="store_true", help="also fit OmniCache's γ correction on the plan")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--out", required=True, help="where to write the plan (JSON)")
-    return p
-
-
-def main(argv=None) -> int:
-    """``omnicache train-router``; returns 0, or 2 with one line on stderr for bad arguments."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else 2
-    try:
-        from .policies.l2c import L2CConfig
-        from .runtime.default import load_default
-
-        if args.steps < 2:
-            raise ValueError(f"--steps must be >= 2, got {args.steps}")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        parent = Path(args.out).resolve().parent
-        if not parent.is_dir():
-            raise ValueError(f"--out {args.out}: folder {parent} does not exist")
-        config = L2CConfig(compute_fraction=args.target_compute, threshold=args.threshold, refresh=args.refresh,
-                           lam=args.lam, iters=args.iters, lr=args.lr, batch=args.batch,
-                           train_samples=args.train_samples, data=args.data, seed=args.seed,
-                           correction=args.correction)
-        model = load_default(device=args.device)
-        guidance = args.guidance if args.guidance is not None else getattr(model, "default_guidance", 1.0)
-        t0 = time.perf_counter()
-        plan = config.calibrate(model, steps=args.steps, sampler=args.sampler, guidance=guidance, progress=True)
-        seconds = time.perf_counter() - t0
-        plan.save(args.out)
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"omnicache train-router: error: {err}", file=sys.stderr)
-        return 2
-    m = plan.meta
-    print(f"wrote {args.out}: {m['removed_in_cache_steps'] * 100:.1f}% of branches removed in cache steps "
-          f"({m['removed_overall'] * 100:.1f}% overall), compute fraction "
-          f"{plan.compute_fraction(model.flops_per_sample()):.3f}, threshold {m['threshold']:.3f}, "
-          f"final loss {m['final_loss']:.4g}, {seconds:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,16 +8,16 @@ reuse step ``t`` and ``p``, ``q`` the two computed steps before ``j``:
 1. **Correction** of order 0 (plain reuse), 1 or 2: the executor forecasts
    ``R̂_t = R_j + γ1 D1 + γ2 D2`` from what it stores, ``D1 = R_j - R_p`` and
    ``D2 = D1 - (R_p - R_q)``; with ``filtering`` both drifts are first filtered over the
-   token grid once per full step (:func:`omnicache.schedule.filter_delta`: low-pass early,
+   token grid once per full step (:func:`omnicache.policies.omnicache.schedule.filter_delta`: low-pass early,
    high-pass late).
 2. **Schedule**: ``selection="error"`` costs a reuse by the error it injects under that
    correction, ``‖x̂_{t+1} - x_{t+1}‖`` (RMS over the batch; ``x̂_{t+1}`` the sampler step
    from ``h_t + R̂_t``, linearised, with ``(γ1, γ2)`` the least-squares fit for this very
    context ``(t, j, p, q)``: :class:`Corrector`); the cost depends on ``j, p, q``, so the
-   exact DP :func:`omnicache.schedule.plan_reuse_steps_in_context` places the ``K`` reuse
+   exact DP :func:`omnicache.policies.omnicache.schedule.plan_reuse_steps_in_context` places the ``K`` reuse
    steps (``K`` from the compute fraction) with every step costed in its context.
    ``selection="curvature"`` costs ``t`` by the trajectory's turning angle ``κ_t`` instead
-   (:func:`omnicache.schedule.curvature`, :func:`omnicache.schedule.plan_reuse_steps`).
+   (:func:`omnicache.policies.omnicache.schedule.curvature`, :func:`omnicache.policies.omnicache.schedule.plan_reuse_steps`).
 3. **γ, closed loop** (:func:`fit_closed_loop`): the schedule is replayed on the
    calibration batch, and at each reuse step ``(γ1, γ2)`` is the least-squares fit that
    brings the cached run's next latent back to the uncached one,
@@ -38,26 +38,24 @@ reuse step ``t`` and ``p``, ``q`` the two computed steps before ``j``:
 The constraints always hold: the first ``warmup`` and last ``tail`` steps are computed and
 at most ``max_consecutive`` reuse steps run in a row.
 
-:func:`main` is ``omnicache calibrate``: it records the embedded default model and
+``omnicache calibrate`` (:mod:`omnicache.cli`) records the embedded default model and
 writes the plan as JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from ...plan import CachePlan
+from ...runtime.executor import CacheExecutor
 from . import schedule
-from .plan import CachePlan
-from .runtime.executor import CacheExecutor
 
 __all__ = ["Trajectory", "record", "Corrector", "fit_closed_loop", "fit_plan_closed_loop", "replay_error",
-           "build_plan", "main"]
+           "build_plan"]
 
 FILTER_DEFAULTS = dict(low_cutoff=0.5, high_cutoff=0.25, split=0.5)
 
@@ -79,7 +77,7 @@ class Trajectory:
     grid: tuple
 
     def finish(self, t, x, h, c):
-        return self.executor._finish(t, x, h, c)
+        return self.executor.finish(t, x, h, c)
 
     @property
     def sampler(self):
@@ -102,14 +100,14 @@ def record(model, labels, *, steps: int, sampler="flow", guidance: float = 1.0, 
     x = ex.init_noise(seed)
     latents, residuals, inputs, conds = [x], [], [], []
     for i in tqdm(range(steps), desc="calibrating", unit="step", disable=not progress, file=sys.stderr):
-        h, c = ex._embed(i, x)
+        h, c = ex.embed(i, x)
         h_in = h
         for blk in ex.blocks:
             h = blk(h, c)
         inputs.append(h_in)
         residuals.append(h - h_in)
         conds.append(c)
-        x = ex._finish(i, x, h, c)
+        x = ex.finish(i, x, h, c)
         latents.append(x)
     side = model.config.input_size // model.config.patch_size
     return Trajectory(labels, latents, residuals, inputs, conds, ex, (side, side))
@@ -257,23 +255,19 @@ def fit_closed_loop(model, traj: Trajectory, compute: list[bool], order: int, fi
     labels = traj.labels[samples]
     ex = CacheExecutor(model, labels, plan, steps=steps, sampler=traj.sampler, guidance=traj.guidance)
     x = traj.latents[0][samples]
-    for unit in list(ex._cache.values()) + list(ex._filtered.values()):
-        for buf in unit:
-            if buf is not None:
-                buf.zero_()
+    ex.reset_cache()
     for t in range(steps):
         if compute[t]:
-            x, _ = ex._static_step(t, x)
+            x, _ = ex.step(t, x)
             continue
-        h, c = ex._embed(t, x)
-        F, D1, D2 = ex._cache[0]
-        if ex._filter is not None:
-            D1, D2 = ex._filtered[0]
+        h, c = ex.embed(t, x)
+        unit = ex.cache_units[0]
+        F, (D1, D2) = unit.F, unit.drifts()
         cols = [d for d, g in ((D1, plan.gamma[t]), (D2, plan.gamma2[t])) if g]
         base = h + F
 
         def out(r, t=t, x=x, h=h, c=c):
-            return ex._finish(t, x, r, c).double()
+            return ex.finish(t, x, r, c).double()
 
         o0 = out(base)
         if cols:
@@ -284,7 +278,7 @@ def fit_closed_loop(model, traj: Trajectory, compute: list[bool], order: int, fi
             gamma2[t] = g[1] if len(g) > 1 else 0.0
             for gi, d in zip(g, cols):
                 base = base + gi * d
-        x = ex._finish(t, x, base, c)
+        x = ex.finish(t, x, base, c)
     return gamma, gamma2
 
 
@@ -320,19 +314,15 @@ def fit_plan_closed_loop(model, traj: Trajectory, plan: CachePlan, order: int = 
     work = dataclasses.replace(plan, gamma=probe, gamma2=[1.0 if u >= 2 else 0.0 for u in usable])
     ex = CacheExecutor(model, traj.labels[samples], work, steps=plan.steps, sampler=traj.sampler,
                        guidance=traj.guidance)
-    for unit in ex._cache.values():
-        for buf in unit:
-            if buf is not None:
-                buf.zero_()
+    ex.reset_cache()
     gamma, gamma2 = [0.0] * plan.steps, [0.0] * plan.steps
     x = traj.latents[0][samples]
-    buffers = [buf for unit in ex._cache.values() for buf in unit if buf is not None]
+    buffers = ex.cache_tensors()
 
     def run(t, g1, g2):
         saved = [b.clone() for b in buffers]
-        work.gamma[t], work.gamma2[t] = g1, g2
-        ex._gamma[t].fill_(g1)
-        out, _ = ex._static_step(t, x)
+        ex.set_gamma(t, g1, g2)
+        out, _ = ex.step(t, x)
         for b, s in zip(buffers, saved):
             b.copy_(s)
         return out.double()
@@ -346,9 +336,8 @@ def fit_plan_closed_loop(model, traj: Trajectory, plan: CachePlan, order: int = 
             g = torch.linalg.lstsq(J, target[:, None]).solution[:, 0].tolist()
             gamma[t] = g[0]
             gamma2[t] = g[1] if len(g) > 1 else 0.0
-        work.gamma[t], work.gamma2[t] = gamma[t], gamma2[t]
-        ex._gamma[t].fill_(gamma[t])
-        x, _ = ex._static_step(t, x)
+        ex.set_gamma(t, gamma[t], gamma2[t])
+        x, _ = ex.step(t, x)
     return dataclasses.replace(plan, gamma=gamma, gamma2=gamma2)
 
 
@@ -386,7 +375,7 @@ def _uniform_reuse(steps: int, budget: int, warmup: int, tail: int) -> list[int]
 
 def _open_loop(traj: Trajectory, compute: list[bool], order: int) -> tuple[list[float], list[float]]:
     """``(gamma, gamma2)`` fitted per step on the uncached residuals (the DESIGN's first
-    formulation): :func:`omnicache.schedule.fit_gammas2` / :func:`~omnicache.schedule.fit_gammas`."""
+    formulation): :func:`omnicache.policies.omnicache.schedule.fit_gammas2` / :func:`~omnicache.policies.omnicache.schedule.fit_gammas`."""
     steps = traj.steps
     if order == 0:
         return [0.0] * steps, [0.0] * steps
@@ -464,94 +453,3 @@ def build_plan(model, traj: Trajectory, *, compute_fraction: float, warmup: int,
                 candidates=len(schedules), heldout_mse=[float(f"{s:.4g}") for s in scores])
     info.update(meta or {})
     return _plan(compute, len(model.blocks), granularity, order, filt, traj.grid, gamma, gamma2, info)
-
-
-# -------------------------------------------------------------- omnicache calibrate
-def _parser() -> argparse.ArgumentParser:
-    from .cli import OneLineParser
-
-    p = OneLineParser(prog="omnicache calibrate",
-                description="Calibrate OmniCache on the embedded default model and write its CachePlan (JSON).")
-    p.add_argument("--policy", required=True, choices=["omnicache"], help="the policy to calibrate")
-    p.add_argument("--compute-fraction", type=float, required=True, help="share of the steps to compute, in (0, 1]")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--sampler", default="flow", choices=["flow", "ddim"], help="default flow")
-    p.add_argument("--samples", type=int, default=None, help="calibration samples, classes in turn (default 20)")
-    p.add_argument("--seed", type=int, default=None, help="calibration noise seed (default 1234)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an OmniCacheConfig field, e.g. order=1 or selection=curvature (repeatable)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--out", required=True, help="where to write the plan (JSON)")
-    return p
-
-
-def _config_from_args(args):
-    """The :class:`OmniCacheConfig` of the command line (``--set`` values typed by the field)."""
-    from .policies import OmniCacheConfig
-
-    fields = {f.name: f for f in dataclasses.fields(OmniCacheConfig)}
-    kwargs = {"compute_fraction": args.compute_fraction}
-    if args.samples is not None:
-        kwargs["calibration_samples"] = args.samples
-    if args.seed is not None:
-        kwargs["calibration_seed"] = args.seed
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item}: expected key=value")
-        if key not in fields or key in ("compute_fraction", "plan_path"):
-            names = ", ".join(n for n in fields if n not in ("compute_fraction", "plan_path"))
-            raise ValueError(f"--set {key}: not a settable OmniCacheConfig field (fields: {names})")
-        default = fields[key].default
-        if isinstance(default, bool):
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(f"--set {key}={text}: expected true or false")
-            kwargs[key] = text.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, (int, float)):
-            try:
-                kwargs[key] = type(default)(text)
-            except ValueError:
-                raise ValueError(f"--set {key}={text}: expected {type(default).__name__}") from None
-        else:
-            kwargs[key] = text
-    return OmniCacheConfig(**kwargs)
-
-
-def main(argv=None) -> int:
-    """``omnicache calibrate``: calibrate OmniCache on the embedded default model, write the plan.
-
-    Returns 0 on success; bad arguments print one line on stderr and return (or exit) 2.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as stop:  # argparse has printed its one line (or --help)
-        return stop.code if isinstance(stop.code, int) else 2
-    try:
-        if not 0.0 < args.compute_fraction <= 1.0:
-            raise ValueError(f"--compute-fraction must be in (0, 1], got {args.compute_fraction}")
-        if args.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {args.steps}")
-        parent = Path(args.out).resolve().parent
-        if not parent.is_dir():
-            raise ValueError(f"--out {args.out}: folder {parent} does not exist")
-        config = _config_from_args(args)
-        from .runtime.default import load_default
-
-        model = load_default(device=args.device)
-        guidance = args.guidance if args.guidance is not None else getattr(model, "default_guidance", 1.0)
-        plan = config.calibrate(model, steps=args.steps, sampler=args.sampler, guidance=guidance, progress=True)
-        plan.save(args.out)
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"omnicache calibrate: error: {err}", file=sys.stderr)
-        return 2
-    computed = sum(row[0][0] for row in plan.compute)
-    fraction = plan.compute_fraction(model.flops_per_sample())
-    print(f"wrote {args.out}: {computed}/{plan.steps} steps computed, compute fraction {fraction:.3f}, "
-          f"{args.sampler} sampler, guidance {guidance:g}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

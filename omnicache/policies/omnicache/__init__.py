@@ -1,6 +1,6 @@
 """OmniCache: reuse placed by the sampling trajectory's geometry, plus cache-noise correction.
 
-Static: a calibration run on the model (:mod:`omnicache.calibrate`) costs every possible
+Static: a calibration run on the model (:mod:`.calibrate`) costs every possible
 reuse by the error it injects under the chosen correction, the exact DP picks the reuse
 steps, and ``(γ1, γ2)`` are fitted by least squares on the cached calibration run; the
 result is a :class:`~omnicache.plan.CachePlan` replayed with zero host syncs.
@@ -11,14 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..plan import CachePlan
-from .common import check_granularity, check_int, check_number
-
-# (id(model), steps, sampler, guidance, samples, seed) -> Trajectory; the trajectory holds a
-# reference to the model, so the id stays that model's while the entry lives.
-_TRAJECTORIES: dict = {}
-_PLANS: dict = {}  # (trajectory key, config, granularity) -> CachePlan
-
+from ...plan import CachePlan
+from ..common import check_granularity, check_int, check_number
 
 @dataclass(frozen=True)
 class OmniCacheConfig:
@@ -105,34 +99,24 @@ class OmniCacheConfig:
 
     def calibrate(self, model, *, steps: int, sampler="flow", guidance: float = 1.0,
                   granularity: str | None = None, progress: bool = False) -> CachePlan:
-        """Calibrate on ``model`` (one uncached run of the calibration batch, cached per model
-        and setting, as are the plans built from it) and return the plan."""
+        """Calibrate on ``model`` (one uncached run of the calibration batch) and return the
+        plan: a value the caller holds and reuses (nothing is memoised here)."""
         import torch
 
-        from .. import calibrate
+        from . import calibrate
 
         if self.plan_path is not None:
             return self.plan(steps, len(model.blocks))
         g = check_granularity(self, granularity, allowed=("step", "block"))
-        key = (id(model), steps, sampler if isinstance(sampler, str) else id(sampler), float(guidance),
-               self.calibration_samples, self.calibration_seed)
-        traj = _TRAJECTORIES.get(key)
-        if traj is None:
-            device = next(model.parameters()).device
-            labels = torch.arange(self.calibration_samples, device=device) % model.config.num_classes
-            traj = calibrate.record(model, labels, steps=steps, sampler=sampler, guidance=guidance,
-                                    seed=self.calibration_seed, progress=progress)
-            _TRAJECTORIES.clear()  # keep one trajectory: they hold every step's residuals
-            _PLANS.clear()
-            _TRAJECTORIES[key] = traj
-        plan_key = (key, self, g)
-        if plan_key not in _PLANS:
-            _PLANS[plan_key] = calibrate.build_plan(
-                model, traj, compute_fraction=self.compute_fraction, warmup=self.warmup, tail=self.tail,
-                max_consecutive=self.max_consecutive, order=self.order if self.correction else 0,
-                selection=self.selection, pca=self.pca, filtering=self.filtering, search=self.search, fit=self.fit,
-                granularity=g,
-                meta=dict(sampler=sampler if isinstance(sampler, str) else type(sampler).__name__,
-                          guidance=float(guidance), calibration_samples=self.calibration_samples,
-                          calibration_seed=self.calibration_seed))
-        return _PLANS[plan_key]
+        device = next(model.parameters()).device
+        labels = torch.arange(self.calibration_samples, device=device) % model.config.num_classes
+        traj = calibrate.record(model, labels, steps=steps, sampler=sampler, guidance=guidance,
+                                seed=self.calibration_seed, progress=progress)
+        return calibrate.build_plan(
+            model, traj, compute_fraction=self.compute_fraction, warmup=self.warmup, tail=self.tail,
+            max_consecutive=self.max_consecutive, order=self.order if self.correction else 0,
+            selection=self.selection, pca=self.pca, filtering=self.filtering, search=self.search, fit=self.fit,
+            granularity=g,
+            meta=dict(sampler=sampler if isinstance(sampler, str) else type(sampler).__name__,
+                      guidance=float(guidance), calibration_samples=self.calibration_samples,
+                      calibration_seed=self.calibration_seed))

@@ -1,9 +1,9 @@
 """Learning-to-Cache (Ma et al., 2024): a router learned on the frozen model, used as a static plan.
 
-:mod:`omnicache.l2c` trains the router and thresholds it into a branch-level
+:mod:`.router` trains the router and thresholds it into a branch-level
 :class:`~omnicache.plan.CachePlan`; this config is what ``generate``, the executor, the
 demo and ``omnicache eval`` take: a saved plan (``plan_path``) or the training settings
-(the router is then trained on first use, once per model and setting).
+(the router is then trained when a plan is asked for: hold the plan and reuse it).
 """
 
 from __future__ import annotations
@@ -11,16 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..plan import CachePlan
-from .common import check_int, check_number
+from ...plan import CachePlan
+from ..common import check_int, check_number
 
 __all__ = ["L2CConfig"]
-
-# (id(model), steps, sampler, guidance, training settings) -> RouterResult; a router holds no
-# reference to the model, so the model is kept alongside to pin its id.
-_ROUTERS: dict = {}
-_PLANS: dict = {}
-
 
 @dataclass(frozen=True)
 class L2CConfig:
@@ -101,42 +95,29 @@ class L2CConfig:
                              f"blocks, the run has {steps} x {blocks}")
         return plan.to_block() if granularity == "block" else plan
 
-    def training_key(self) -> tuple:
-        return (self.refresh, self.lam, self.iters, self.lr, self.batch, self.init, self.weight_decay,
-                self.train_samples, self.data, self.seed)
-
     def train(self, model, *, steps: int, sampler="flow", guidance: float = 1.0, progress: bool = False):
-        """The trained router (a :class:`omnicache.l2c.RouterResult`), cached per model and setting."""
-        from .. import l2c
+        """Train the router on ``model``: a :class:`.router.RouterResult` (not memoised)."""
+        from . import router
 
-        key = (id(model), steps, sampler if isinstance(sampler, str) else id(sampler), float(guidance),
-               self.training_key())
-        if key not in _ROUTERS:
-            ts = l2c.training_set(model, steps=steps, sampler=sampler, guidance=guidance,
-                                  samples=self.train_samples, seed=self.seed, data=self.data)
-            result = l2c.train_router(model, ts, refresh=self.refresh, lam=self.lam, iters=self.iters, lr=self.lr,
-                                      batch=self.batch, init=self.init, weight_decay=self.weight_decay,
-                                      seed=self.seed, progress=progress)
-            if len(_ROUTERS) >= 8:
-                _ROUTERS.pop(next(iter(_ROUTERS)))
-            _ROUTERS[key] = (model, result)
-        return _ROUTERS[key][1]
+        ts = router.training_set(model, steps=steps, sampler=sampler, guidance=guidance,
+                                 samples=self.train_samples, seed=self.seed, data=self.data)
+        return router.train_router(model, ts, refresh=self.refresh, lam=self.lam, iters=self.iters, lr=self.lr,
+                                   batch=self.batch, init=self.init, weight_decay=self.weight_decay,
+                                   seed=self.seed, progress=progress)
 
     def calibrate(self, model, *, steps: int, sampler="flow", guidance: float = 1.0,
                   granularity: str | None = None, progress: bool = False) -> CachePlan:
-        """Train the router on ``model`` (or load ``plan_path``) and export the plan."""
+        """Train the router on ``model`` (or load ``plan_path``) and export the plan: a value
+        the caller holds and reuses (nothing is memoised here)."""
         import torch
 
-        from .. import calibrate, l2c
+        from ..omnicache import calibrate
+        from .export import export_plan
 
         if self.plan_path is not None:
             return self.plan(steps, len(model.blocks), granularity)
         if granularity not in (None, "branch"):
             raise ValueError(f"granularity: an L2C plan is branch-level, got {granularity!r}")
-        sampler_key = sampler if isinstance(sampler, str) else id(sampler)
-        key = (id(model), steps, sampler_key, float(guidance), self)
-        if key in _PLANS:
-            return _PLANS[key][1]
         result = self.train(model, steps=steps, sampler=sampler, guidance=guidance, progress=progress)
         loss, mse, expected = result.history[-1]
         meta = dict(lam=self.lam, final_loss=loss, final_mse=mse, expected_compute=expected,
@@ -144,8 +125,8 @@ class L2CConfig:
                     sampler=sampler if isinstance(sampler, str) else type(sampler).__name__,
                     guidance=float(guidance), beta=[[[round(float(v), 4) for v in pair] for pair in row]
                                                     for row in result.beta.tolist()])
-        plan = l2c.export_plan(result.beta, result.refresh, model.flops_per_sample(), threshold=self.threshold,
-                               compute_fraction=self.compute_fraction, meta=meta)
+        plan = export_plan(result.beta, result.refresh, model.flops_per_sample(), threshold=self.threshold,
+                           compute_fraction=self.compute_fraction, meta=meta)
         if self.correction:
             device = next(model.parameters()).device
             labels = torch.arange(self.calibration_samples, device=device) % model.config.num_classes
@@ -155,7 +136,4 @@ class L2CConfig:
             plan.meta.update(policy="L2C+gamma", correction="closed-loop gamma (order 2)",
                              calibration_samples=self.calibration_samples,
                              calibration_seed=self.calibration_seed)
-        if len(_PLANS) >= 16:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = (model, plan)
         return plan

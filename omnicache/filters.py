@@ -1,0 +1,97 @@
+"""Stage-aware filtering of a cache drift over the token grid (OmniCache's noise filter).
+
+:func:`filter_delta` keeps the low frequencies of ``delta`` early in sampling and the high
+frequencies late (an ``rfft2`` mask over the ``(H, W)`` token grid). It lives beneath the cache core, which applies it
+once per full step when a plan asks for it (``CachePlan.meta["filter"]``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["filter_delta"]
+
+
+def _stage_mask(grid: tuple[int, int], progress: float, low_cutoff: float, high_cutoff: float,
+                split: float, device) -> Tensor:
+    """Bool keep-mask on the ``rfft2`` grid ``[H, W // 2 + 1]`` (see :func:`filter_delta`)."""
+    h, w = grid
+    fy = torch.fft.fftfreq(h, device=device, dtype=torch.float64).abs()
+    fx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64).abs()
+    rho = 2.0 * torch.maximum(fy[:, None], fx[None, :])  # Chebyshev radius, Nyquist = 1
+    if progress < split:
+        cut = low_cutoff + (1.0 - low_cutoff) * progress / split
+        return rho <= cut + 1e-12
+    cut = high_cutoff * (progress - split) / (1.0 - split)
+    return rho >= cut - 1e-12 if cut > 0 else torch.ones_like(rho, dtype=torch.bool)
+
+
+def filter_delta(delta: Tensor, grid: tuple[int, int], progress: float, *, enabled: bool = True,
+                 low_cutoff: float = 0.25, high_cutoff: float = 0.25, split: float = 0.5) -> Tensor:
+    """Stage-aware filtering of the drift ``delta = R_j - R_prev`` over the token grid.
+
+    Tokens are laid out row-major on an ``H × W`` grid (token ``h·W + w``). Each channel
+    is transformed with ``torch.fft.rfft2`` over ``(H, W)``, multiplied by a 0/1 mask on
+    the normalised Chebyshev frequency radius
+    ``ρ = 2 · max(|f_y|, |f_x|)`` (``f`` in cycles per token, so ``ρ = 0`` is the
+    constant and ``ρ = 1`` the Nyquist frequency), and transformed back:
+
+    - early, ``progress < split``: **low-pass**, keep ``ρ <= c_lo``,
+      ``c_lo = low_cutoff + (1 - low_cutoff) · progress / split`` (opens to all-pass at
+      ``split``);
+    - late, ``progress >= split``: **high-pass**, keep ``ρ >= c_hi``,
+      ``c_hi = high_cutoff · (progress - split) / (1 - split)`` (all-pass at ``split``,
+      ``ρ < high_cutoff`` removed at ``progress = 1``; any ``c_hi > 0`` removes the
+      constant).
+
+    The mask is 0/1 and symmetric under ``f → -f``, so the output is real and its
+    energy never exceeds the input's (Parseval). Computed in float32, returned in
+    ``delta``'s dtype. ``progress`` is the sampling progress of the full step that
+    produced ``delta``, e.g. ``j / (steps - 1)``.
+
+    Parameters
+    ----------
+    delta
+        ``[B, T, D]`` with ``T = H · W``.
+    grid
+        ``(H, W)``.
+    progress
+        In ``[0, 1]``: 0 the first step, 1 the last.
+    enabled
+        ``False`` returns ``delta`` itself, unchanged.
+    low_cutoff, high_cutoff
+        In ``[0, 1]``.
+    split
+        In ``(0, 1)``: where filtering switches from low-pass to high-pass.
+
+    Returns
+    -------
+    Tensor
+        A new tensor, same shape, dtype and device as ``delta`` (or ``delta`` when
+        disabled).
+    """
+    if not enabled:
+        return delta
+    if delta.dim() != 3:
+        raise ValueError(f"delta must be [B, T, D], got shape {list(delta.shape)}")
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)):
+        raise ValueError(f"grid must be (H, W) with positive ints, got {grid!r}")
+    h, w = grid
+    if h * w != delta.shape[1]:
+        raise ValueError(f"grid {tuple(grid)} has {h * w} tokens but delta has T = {delta.shape[1]}")
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1], got {progress!r}")
+    for name, v in (("low_cutoff", low_cutoff), ("high_cutoff", high_cutoff)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+    if not 0.0 < split < 1.0:
+        raise ValueError(f"split must be in (0, 1), got {split!r}")
+    mask = _stage_mask((h, w), float(progress), low_cutoff, high_cutoff, split, delta.device)
+    b, _, d = delta.shape
+    x = delta.float().reshape(b, h, w, d)
+    spec = torch.fft.rfft2(x, dim=(1, 2))  # [B, H, W//2+1, D]
+    spec = spec * mask[None, :, :, None]
+    y = torch.fft.irfft2(spec, s=(h, w), dim=(1, 2))
+    return y.reshape(delta.shape).to(delta.dtype)

@@ -1,0 +1,75 @@
+"""Learning-to-Cache export: the router's β thresholded into a branch-level CachePlan.
+
+Refresh steps compute everything; at cache steps a branch computes where
+``β > threshold``. With ``compute_fraction`` the threshold is calibrated instead:
+cache-step branches are ranked by β and the cut whose plan's FLOP fraction is nearest
+the target is taken. The plan's ``meta`` reports the share of branches removed in cache
+steps and overall and the threshold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...plan import CachePlan
+
+__all__ = ["export_plan", "removed_shares"]
+
+
+def _spent(compute: torch.Tensor, flops: dict):
+    """FLOPs per sample of a branch-granularity ``compute`` (steps, blocks, 2) bool tensor."""
+    steps, blocks = compute.shape[:2]
+    return (steps * (flops["embed"] + flops["final"] + blocks * flops["block_modulation"])
+            + flops["block_attn"] * int(compute[:, :, 0].sum()) + flops["block_mlp"] * int(compute[:, :, 1].sum()))
+
+
+def removed_shares(compute: torch.Tensor, mask: list[bool]) -> tuple[float, float]:
+    """(share of branches removed in cache steps, share removed overall)."""
+    cache = ~torch.tensor(mask, dtype=torch.bool)
+    removed = ~compute
+    in_cache = removed[cache].float().mean().item() if bool(cache.any()) else 0.0
+    return in_cache, removed.float().mean().item()
+
+
+def export_plan(beta: torch.Tensor, mask: list[bool], flops: dict, *, threshold: float = 0.5,
+                compute_fraction: float | None = None, meta: dict | None = None) -> CachePlan:
+    """Threshold ``beta`` (steps, blocks, 2) into a branch-level plan (see the module docstring)."""
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0.0 < threshold < 1.0):
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    if compute_fraction is not None and not (isinstance(compute_fraction, (int, float))
+                                             and not isinstance(compute_fraction, bool)
+                                             and 0.0 < compute_fraction <= 1.0):
+        raise ValueError(f"compute_fraction must be in (0, 1] or None, got {compute_fraction!r}")
+    steps, blocks = beta.shape[:2]
+    if len(mask) != steps or not mask[0]:
+        raise ValueError(f"refresh mask must have {steps} entries and start with a full step")
+    beta = beta.detach().float().cpu()
+    full = torch.tensor(mask, dtype=torch.bool)[:, None, None].expand_as(beta)
+    if compute_fraction is None:
+        compute = full | (beta > threshold)
+        used = float(threshold)
+    else:
+        # rank the cache-step branches by β (ties: step, block, branch order) and take the cut
+        # whose plan spends the fraction nearest the target (ties: the smaller fraction); each
+        # branch kept adds its own FLOPs, so the fractions of all cuts are a running sum
+        cand = sorted((-float(beta[i, b, k]), i, b, k) for i in range(steps) if not mask[i]
+                      for b in range(blocks) for k in (0, 1))
+        unit, spent = steps * flops["total"], _spent(full, flops)
+        n, best = 0, abs(spent / unit - compute_fraction)
+        for m, (_, _, _, k) in enumerate(cand, 1):
+            spent += flops["block_attn" if k == 0 else "block_mlp"]
+            if abs(spent / unit - compute_fraction) < best - 1e-12:
+                n, best = m, abs(spent / unit - compute_fraction)
+        compute = full.clone()
+        for _, i, b, k in cand[:n]:
+            compute[i, b, k] = True
+        lo = -cand[n][0] if n < len(cand) else 0.0  # the largest β left out
+        hi = -cand[n - 1][0] if n > 0 else 1.0  # the smallest β kept
+        used = (lo + hi) / 2
+    in_cache, overall = removed_shares(compute, mask)
+    info = dict(policy="L2C", threshold=round(used, 6), removed_in_cache_steps=round(in_cache, 4),
+                removed_overall=round(overall, 4), refresh=[i for i, f in enumerate(mask) if f])
+    if compute_fraction is not None:
+        info["target_compute_fraction"] = compute_fraction
+    info.update(meta or {})
+    return CachePlan(steps, blocks, "branch", compute, meta=info)
