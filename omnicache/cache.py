@@ -185,10 +185,8 @@ def relative_change(signal: torch.Tensor, ref: torch.Tensor, *, rows_per_sample:
         sums = sums.reshape(rows_per_sample, -1, 2).sum(0)  # [B, 2]
     else:
         sums = sums.sum(0, keepdim=True)  # [1, 2]
-    if group is not None:
-        from .integrations.distributed import all_reduce_sums
-
-        all_reduce_sums(sums, group)
+    if group is not None:  # both sums over the ranks: every rank gets the unsharded ratio
+        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=group)
     return (sums[:, 0] / sums[:, 1]).tolist()
 
 

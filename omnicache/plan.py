@@ -31,11 +31,27 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CachePlan", "GRANULARITIES", "PLAN_VERSION"]
+__all__ = ["CachePlan", "GRANULARITIES", "PLAN_VERSION", "model_fingerprint"]
 
 PLAN_VERSION = 1
 GRANULARITIES = ("step", "block", "branch")
 _FIELDS = ("version", "steps", "blocks", "granularity", "compute", "gamma", "gamma2", "meta")
+
+
+def model_fingerprint(model, blocks: int | None = None) -> dict:
+    """What a plan records of the model it was made for: ``{"class", "blocks", "config"}``,
+    ``config`` a short SHA-256 of the model's configuration (a dataclass, a diffusers
+    ``FrozenDict`` or a dict), so a plan is never applied silently to another model."""
+    import hashlib
+
+    cfg = getattr(model, "config", None)
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    cfg = {k: v for k, v in dict(cfg or {}).items() if not str(k).startswith("_")}
+    text = json.dumps(cfg, sort_keys=True, default=str)
+    if blocks is None:  # our DiT; engines whose blocks live elsewhere pass the count
+        blocks = len(model.blocks)
+    return {"class": type(model).__name__, "blocks": int(blocks), "config": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
 def _fail(field: str, message: str):
@@ -198,6 +214,30 @@ class CachePlan:
         depth = len(model.blocks)
         if self.blocks != depth:
             _fail("blocks", f"plan has {self.blocks} blocks but the model has {depth}")
+        self.check_model(model)
+
+    def check_model(self, model, blocks: int | None = None) -> None:
+        """Refuse a plan made for another model: ``meta["model"]`` (written by calibration,
+        :func:`model_fingerprint`) must name this model's class, block count and config.
+        Plans without that record (hand-written, or from model-free policies such as FORA)
+        pass. To reuse a plan deliberately on another model, drop ``meta["model"]`` or
+        pass ``check_plan=False`` where the engine offers it."""
+        made = self.meta.get("model")
+        if not made:
+            return
+        have = model_fingerprint(model, blocks)
+        for key in ("class", "blocks", "config"):
+            if key in made and made[key] != have[key]:
+                _fail(f"meta.model.{key}", f"the plan was made for {made[key]!r}, this model has {have[key]!r} "
+                                           f"(a plan is calibrated for one model; recalibrate, or override "
+                                           f"deliberately with check_plan=False)")
+
+    def check_scheduler(self, scheduler) -> None:
+        """Refuse a plan calibrated under another scheduler class (``meta["scheduler"]``)."""
+        made = self.meta.get("scheduler")
+        if made and scheduler is not None and type(scheduler).__name__ != made:
+            _fail("meta.scheduler", f"the plan was calibrated with {made}, the pipeline has "
+                                    f"{type(scheduler).__name__}")
 
     # ---------------------------------------------------------------------- I/O
     def to_dict(self) -> dict:

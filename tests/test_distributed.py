@@ -149,7 +149,7 @@ def _run(m, kw, config, group=None):
     od.enable(m, config, steps=CP_STEPS, group=group)
     try:
         out = _sample(m, kw)
-        s = od.summary(m)["contexts"]["cond"]
+        s = od.summary(m).contexts["cond"]
         return out, s, od._runtime(m)[1]
     finally:
         od.disable(m)

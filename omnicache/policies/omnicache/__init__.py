@@ -113,7 +113,7 @@ class OmniCacheConfig:
         traj = calibrate.record(model, labels, steps=steps, sampler=sampler, guidance=guidance,
                                 seed=self.calibration_seed, progress=progress)
         return calibrate.build_plan(
-            model, traj, compute_fraction=self.compute_fraction, warmup=self.warmup, tail=self.tail,
+            calibrate.RuntimeEngine(model, traj), compute_fraction=self.compute_fraction, warmup=self.warmup, tail=self.tail,
             max_consecutive=self.max_consecutive, order=self.order if self.correction else 0,
             selection=self.selection, pca=self.pca, filtering=self.filtering, search=self.search, fit=self.fit,
             granularity=g,

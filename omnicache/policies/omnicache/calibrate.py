@@ -50,12 +50,12 @@ import sys
 import torch
 from tqdm import tqdm
 
-from ...plan import CachePlan
+from ...plan import CachePlan, model_fingerprint
 from ...runtime.executor import CacheExecutor
 from . import schedule
 
 __all__ = ["Trajectory", "record", "Corrector", "fit_closed_loop", "fit_plan_closed_loop", "replay_error",
-           "build_plan"]
+           "RuntimeEngine", "build_plan"]
 
 FILTER_DEFAULTS = dict(low_cutoff=0.5, high_cutoff=0.25, split=0.5)
 
@@ -350,6 +350,36 @@ def replay_error(model, traj: Trajectory, plan: CachePlan, samples: slice = slic
     return float((x - traj.latents[-1][samples]).double().square().mean())
 
 
+class RuntimeEngine:
+    """The calibration interface of our runtime (what :func:`build_plan` asks of an engine):
+    a recorded :class:`Trajectory` and replays through the :class:`CacheExecutor`.
+
+    ``steps``, ``blocks``, ``samples`` (calibration batch size), ``latents`` (per step, for
+    the curvature), ``residuals`` (per step, for the open-loop fit), ``grid``;
+    ``corrector(order, max_consecutive, filtering)`` (the DP's cost: ``.error(t, j, p, q)``),
+    ``fit(compute, order, filtering, samples)`` (closed-loop ``(gamma, gamma2)``),
+    ``replay_error(plan, samples)`` (final-latent MSE of a replay), ``meta()`` (what the
+    plan records of the model and the run)."""
+
+    def __init__(self, model, traj: Trajectory):
+        self.model, self.traj = model, traj
+        self.steps, self.blocks, self.grid = traj.steps, len(model.blocks), traj.grid
+        self.samples = traj.labels.shape[0]
+        self.latents, self.residuals = traj.latents, traj.residuals
+
+    def corrector(self, order, max_consecutive, filtering):
+        return Corrector(self.traj, order, max_consecutive, filtering)
+
+    def fit(self, compute, order, filtering, samples=slice(None)):
+        return fit_closed_loop(self.model, self.traj, compute, order, filtering, samples)
+
+    def replay_error(self, plan, samples=slice(None)):
+        return replay_error(self.model, self.traj, plan, samples)
+
+    def meta(self) -> dict:
+        return {"model": model_fingerprint(self.model), "engine": "omnicache.runtime"}
+
+
 def _candidate_constraints(warmup: int, tail: int, max_consecutive: int, steps: int, search: bool):
     runs = range(max(1, max_consecutive - 2), max_consecutive + 1) if search else [max_consecutive]
     tails = (tail, tail + 1) if search else (tail,)
@@ -373,7 +403,7 @@ def _uniform_reuse(steps: int, budget: int, warmup: int, tail: int) -> list[int]
     return out
 
 
-def _open_loop(traj: Trajectory, compute: list[bool], order: int) -> tuple[list[float], list[float]]:
+def _open_loop(traj, compute: list[bool], order: int) -> tuple[list[float], list[float]]:
     """``(gamma, gamma2)`` fitted per step on the uncached residuals (the DESIGN's first
     formulation): :func:`omnicache.policies.omnicache.schedule.fit_gammas2` / :func:`~omnicache.policies.omnicache.schedule.fit_gammas`."""
     steps = traj.steps
@@ -385,34 +415,35 @@ def _open_loop(traj: Trajectory, compute: list[bool], order: int) -> tuple[list[
     return g[:, 0].tolist(), g[:, 1].tolist()
 
 
-def build_plan(model, traj: Trajectory, *, compute_fraction: float, warmup: int, tail: int,
+def build_plan(engine, *, compute_fraction: float, warmup: int, tail: int,
                max_consecutive: int, order: int, selection: str, pca: bool = False,
                filtering: bool = False, search: bool = True, fit: str = "closed", granularity: str = "step",
                meta: dict | None = None) -> CachePlan:
-    """The static plan of a calibrated trajectory (see the module docstring).
+    """The static plan of a calibrated run on ``engine`` (see the module docstring and
+    :class:`RuntimeEngine` for what an engine provides; the diffusers integration has its own).
 
     ``selection``: ``"error"``, ``"curvature"`` or ``"uniform"`` (reuse spread evenly: the
     ablation's schedule without trajectory information). ``fit``: ``"closed"`` (closed-loop
     γ, :func:`fit_closed_loop`) or ``"open"`` (per-step least squares on the uncached
     residuals; no filtering).
     """
-    steps = traj.steps
+    steps = engine.steps
     budget = schedule.budget_for_compute_fraction(steps, compute_fraction)
     filt = dict(FILTER_DEFAULTS) if filtering and order >= 1 else None
     if fit not in ("closed", "open"):
         raise ValueError(f"fit must be 'closed' or 'open', got {fit!r}")
     if fit == "open" and filt:
         raise ValueError("fit='open' fits on unfiltered residuals: it cannot be combined with filtering")
-    corrector = Corrector(traj, order, max_consecutive, filt)
+    corrector = engine.corrector(order, max_consecutive, filt)
     if selection == "curvature":
-        kappa = (schedule.curvature_pca3 if pca else schedule.curvature)(traj.latents)
+        kappa = (schedule.curvature_pca3 if pca else schedule.curvature)(engine.latents)
     elif selection not in ("error", "uniform"):
         raise ValueError(f"selection must be 'error', 'curvature' or 'uniform', got {selection!r}")
 
     def fit_gammas(compute, samples=slice(None)):
         if fit == "open":
-            return _open_loop(traj, compute, order)
-        return fit_closed_loop(model, traj, compute, order, filt, samples)
+            return _open_loop(engine, compute, order)
+        return engine.fit(compute, order, filt, samples)
 
     schedules = []  # distinct compute schedules, in the order tried
     for w, tl, m in _candidate_constraints(warmup, tail, max_consecutive, steps, search):
@@ -432,7 +463,7 @@ def build_plan(model, traj: Trajectory, *, compute_fraction: float, warmup: int,
         if compute not in schedules:
             schedules.append(compute)
 
-    n = traj.labels.shape[0]
+    n = engine.samples
     scores = []
     if len(schedules) > 1:
         if n < 2:
@@ -440,8 +471,8 @@ def build_plan(model, traj: Trajectory, *, compute_fraction: float, warmup: int,
         fit_half, held = slice(0, n // 2), slice(n // 2, n)
         for compute in schedules:
             g1, g2 = fit_gammas(compute, fit_half)
-            plan = _plan(compute, len(model.blocks), "step", order, filt, traj.grid, g1, g2)
-            scores.append(replay_error(model, traj, plan, held))
+            plan = _plan(compute, engine.blocks, "step", order, filt, engine.grid, g1, g2)
+            scores.append(engine.replay_error(plan, held))
         compute = schedules[min(range(len(schedules)), key=scores.__getitem__)]
     else:
         compute = schedules[0]
@@ -451,5 +482,6 @@ def build_plan(model, traj: Trajectory, *, compute_fraction: float, warmup: int,
                 fit=fit, search=search, compute_fraction=compute_fraction, warmup=warmup, tail=tail,
                 max_consecutive=max_consecutive, reuse_error=[round(c, 8) for c in costs],
                 candidates=len(schedules), heldout_mse=[float(f"{s:.4g}") for s in scores])
+    info.update(engine.meta())
     info.update(meta or {})
-    return _plan(compute, len(model.blocks), granularity, order, filt, traj.grid, gamma, gamma2, info)
+    return _plan(compute, engine.blocks, granularity, order, filt, engine.grid, gamma, gamma2, info)

@@ -1,0 +1,19 @@
+"""Feature caching for diffusers transformers, over omnicache's cache core.
+
+    from omnicache.integrations import diffusers as oc
+    oc.enable(pipe, FORAConfig())              # or a CachePlan, or a dynamic policy
+    pipe(...); oc.summary(pipe).compute_fraction
+    oc.disable(pipe)
+
+Split by job: :mod:`.adapters` (which blocks a model runs, each block class's I/O by
+name), :mod:`.runtime` (per-cache-context state over :mod:`omnicache.cache`),
+:mod:`.install` (enable / disable: block wrappers, forward variants, hooks).
+"""
+
+from .adapters import BLOCKS, MODELS, SUPPORTED_MODELS, BlockIO, ModelSpec
+from .install import _ATTR, disable, enable, reset, runtime_of, summary
+
+_runtime = runtime_of  # the name earlier versions exported
+
+__all__ = ["enable", "disable", "reset", "summary", "runtime_of", "SUPPORTED_MODELS", "MODELS", "BLOCKS",
+           "BlockIO", "ModelSpec"]

@@ -1,0 +1,126 @@
+"""Declarative block adapters: which blocks a diffusers transformer runs, and each block
+class's inputs and outputs by name.
+
+Adding a model is one :data:`MODELS` entry (its ``ModuleList`` attributes, in the order
+its ``forward`` runs them), plus a :data:`BLOCKS` entry for each new block class: which
+streams it takes (``hidden_states`` and, for joint-attention blocks,
+``encoder_hidden_states``) and what it returns, by name and position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+
+__all__ = ["BlockIO", "ModelSpec", "MODELS", "BLOCKS", "SUPPORTED_MODELS", "model_blocks", "BoundBlock"]
+
+H, E = "hidden_states", "encoder_hidden_states"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockIO:
+    """A block class's streams. ``returns``: the names of what ``forward`` returns, in order;
+    a single name means it returns that tensor alone. ``cached``: the streams whose residual
+    is cached (each must be both an input and an output)."""
+
+    returns: tuple[str, ...] = (H,)
+
+    @property
+    def cached(self) -> tuple[str, ...]:
+        return tuple(n for n in (H, E) if n in self.returns)
+
+    @property
+    def bare(self) -> bool:
+        return len(self.returns) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """``blocks``: the ``ModuleList`` attributes, in the order ``forward`` runs them;
+    ``interleave``: ``forward`` alternates between the lists (block ``i`` of each in turn)
+    instead of running them one after the other; ``stack``: one residual may span several
+    blocks (False where ``forward`` reshapes between blocks, so ``step`` plans run per block)."""
+
+    blocks: tuple[str, ...]
+    interleave: bool = False
+    stack: bool = True
+
+
+MODELS: dict[str, ModelSpec] = {
+    "DiTTransformer2DModel": ModelSpec(("transformer_blocks",)),
+    "PixArtTransformer2DModel": ModelSpec(("transformer_blocks",)),
+    "FluxTransformer2DModel": ModelSpec(("transformer_blocks", "single_transformer_blocks")),
+    "SD3Transformer2DModel": ModelSpec(("transformer_blocks",)),
+    "WanTransformer3DModel": ModelSpec(("blocks",)),
+    "CogVideoXTransformer3DModel": ModelSpec(("transformer_blocks",)),
+}
+
+BLOCKS: dict[str, BlockIO] = {
+    "BasicTransformerBlock": BlockIO((H,)),
+    "WanTransformerBlock": BlockIO((H,)),
+    "FluxTransformerBlock": BlockIO((E, H)),
+    "FluxSingleTransformerBlock": BlockIO((E, H)),
+    "JointTransformerBlock": BlockIO((E, H)),
+    "CogVideoXBlock": BlockIO((H, E)),
+}
+
+# model class -> its ModuleLists of blocks (kept for callers that count blocks)
+SUPPORTED_MODELS = {name: spec.blocks for name, spec in MODELS.items()}
+
+
+class BoundBlock:
+    """One block of a model with its I/O spec: reads its streams from a call's arguments
+    and packs new values into what the block returns."""
+
+    def __init__(self, module: torch.nn.Module, io: BlockIO):
+        self.module, self.io = module, io
+        params = list(inspect.signature(type(module).forward).parameters)[1:]  # skip self
+        self.pos = {n: params.index(n) if n in params else None for n in (H, E)}
+
+    def inputs(self, args, kwargs) -> dict:
+        """``{stream name: tensor or None}`` for the cached streams of this call."""
+        out = {}
+        for n in self.io.cached:
+            if n in kwargs:
+                out[n] = kwargs[n]
+            elif self.pos[n] is not None and self.pos[n] < len(args):
+                out[n] = args[self.pos[n]]
+            else:
+                out[n] = None
+        return out
+
+    def outputs(self, out) -> dict:
+        """``{stream name: tensor or None}`` from what the block returned."""
+        if self.io.bare:
+            return {self.io.returns[0]: out}
+        return dict(zip(self.io.returns, out))
+
+    def pack(self, values: dict):
+        """What the block would return, from ``{stream name: tensor}``."""
+        if self.io.bare:
+            return values[self.io.returns[0]]
+        return tuple(values.get(n) for n in self.io.returns)
+
+
+def model_blocks(transformer) -> list[BoundBlock]:
+    """The blocks of a supported transformer in the order its ``forward`` runs them."""
+    cls = type(transformer).__name__
+    spec = MODELS.get(cls)
+    if spec is None:
+        raise TypeError(f"omnicache.integrations.diffusers does not support {cls}; "
+                        f"supported: {', '.join(MODELS)}")
+    lists = [list(getattr(transformer, name)) for name in spec.blocks]
+    if spec.interleave:
+        modules = [blk for group in zip(*lists) for blk in group]
+    else:
+        modules = [blk for group in lists for blk in group]
+    out = []
+    for blk in modules:
+        bname = type(blk).__name__
+        if bname not in BLOCKS:
+            raise TypeError(f"omnicache: block class {bname} of {cls} is not supported "
+                            f"(supported blocks: {', '.join(BLOCKS)})")
+        out.append(BoundBlock(blk, BLOCKS[bname]))
+    return out
