@@ -7,13 +7,15 @@
 
 Split by job: :mod:`.adapters` (which blocks a model runs, each block class's I/O by
 name), :mod:`.runtime` (per-cache-context state over :mod:`omnicache.cache`),
-:mod:`.install` (enable / disable: block wrappers, forward variants, hooks).
+:mod:`.install` (enable / disable: block wrappers, forward variants, hooks),
+:mod:`.calibrate` (OmniCache and TeaCache calibrated on the user's own model).
 """
 
 from .adapters import BLOCKS, MODELS, SUPPORTED_MODELS, BlockIO, ModelSpec
+from .calibrate import DiffusersEngine, calibrate, fit_teacache
 from .install import _ATTR, disable, enable, reset, runtime_of, summary
 
 _runtime = runtime_of  # the name earlier versions exported
 
-__all__ = ["enable", "disable", "reset", "summary", "runtime_of", "SUPPORTED_MODELS", "MODELS", "BLOCKS",
-           "BlockIO", "ModelSpec"]
+__all__ = ["enable", "disable", "reset", "summary", "runtime_of", "calibrate", "fit_teacache", "DiffusersEngine",
+           "SUPPORTED_MODELS", "MODELS", "BLOCKS", "BlockIO", "ModelSpec"]

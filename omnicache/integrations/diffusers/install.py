@@ -44,6 +44,8 @@ class _Installer:
 
     def __init__(self, rt: Runtime):
         self.rt, self.variants, self.inner_saved = rt, {}, None
+        # calibration may wrap each installed forward (e.g. to probe a reuse step): f -> f'
+        self.wrap_forward, self.wrapped = None, []
 
     def switch(self, name):
         key = self.rt.prepare(self.rt.context(name))
@@ -63,6 +65,9 @@ class _Installer:
         """Make ``fwd`` the transformer's forward: an instance attribute or, when diffusers hooks
         wrap the forward (context parallelism's input split, ...), the innermost hook's."""
         transformer = self.rt.transformer
+        if self.wrap_forward is not None:
+            fwd = self.wrap_forward(fwd)
+            self.wrapped.append(fwd)
         refs = getattr(vars(transformer).get("_diffusers_hook"), "_fn_refs", None)
         if not refs:
             transformer.forward = fwd
@@ -75,7 +80,7 @@ class _Installer:
         setattr(ref, attr, fwd)
 
     def is_variant(self, fn):
-        return any(fn == v for v in self.variants.values())
+        return any(fn == v for v in self.variants.values()) or any(fn is w for w in self.wrapped)
 
     def before_call(self, module, args):
         self.rt.before_call()

@@ -116,6 +116,9 @@ class Runtime:
         # linear FLOPs: per block index (-1: outside the blocks), counted in eager calls
         self.block_cost = [None] * self.n
         self.call_flops = None
+        # calibration (.calibrate): at a reuse step, run the unit anyway and let ``fitting``
+        # choose the forecast from the true output (closed-loop γ); None in normal use
+        self.fitting = None
         if steps is not None:
             self.set_steps(steps)
 
@@ -280,6 +283,8 @@ class Runtime:
         u = self.unit_of[k]
         lo, hi = self.units[u]
         act = self.step_actions[u]
+        if act == REUSE and self.fitting is not None:
+            return self._fit_block(k, u, orig, args, kwargs)
         if act == REUSE:
             return self._reuse_unit(k, u, self.bound[k].inputs(args, kwargs), self.use_g1, self.use_g2)
         if act == STORE and k == lo:
@@ -288,6 +293,30 @@ class Runtime:
         if act == STORE and k == hi - 1:
             self._store_unit(k, u, out)
         return out
+
+    def _fit_block(self, k, u, orig, args, kwargs):
+        """Calibration at a reuse step: the unit runs (its true output), ``fitting`` fits the
+        forecast coefficients against it, and the unit returns the forecast it would reuse."""
+        lo, hi = self.units[u]
+        if k == lo:
+            self.inp[u] = self.bound[k].inputs(args, kwargs)
+        out = orig(*args, **kwargs)
+        if k != hi - 1:
+            return out
+        ins, outs = self.inp[u], self.bound[k].outputs(out)
+        self.inp[u] = None
+        units = self.current.units[u]
+        pairs = {n: (units[n], ins[n], x) for n, x in outs.items()
+                 if x is not None and ins.get(n) is not None and n in units}
+        g1, g2 = self.fitting(self.current, u, pairs, self.use_g1, self.use_g2)
+        values = {}
+        for n, x in outs.items():
+            if n in pairs:
+                cu, x_in, _ = pairs[n]
+                values[n] = cu.reuse(x_in, g1, g2)
+            else:
+                values[n] = x
+        return self.bound[k].pack(values)
 
     def _dynamic_block(self, k, orig, args, kwargs):
         ctx = self.current

@@ -55,7 +55,7 @@ from ...runtime.executor import CacheExecutor
 from . import schedule
 
 __all__ = ["Trajectory", "record", "Corrector", "fit_closed_loop", "fit_plan_closed_loop", "replay_error",
-           "RuntimeEngine", "build_plan"]
+           "RuntimeEngine", "build_plan", "plan_for_schedule"]
 
 FILTER_DEFAULTS = dict(low_cutoff=0.5, high_cutoff=0.25, split=0.5)
 
@@ -217,7 +217,7 @@ class Corrector:
         return self._errors[key]
 
 
-def _plan(compute: list[bool], blocks: int, granularity: str, order: int, filtering: dict | None,
+def plan_for_schedule(compute: list[bool], blocks: int, granularity: str, order: int, filtering: dict | None,
           grid: tuple, gamma=None, gamma2=None, meta: dict | None = None) -> CachePlan:
     """A plan for ``compute``; without ``gamma`` the coefficients are placeholders (1.0 where
     the executor can form D1 / D2) so that the executor stores every difference."""
@@ -251,7 +251,7 @@ def fit_closed_loop(model, traj: Trajectory, compute: list[bool], order: int, fi
     gamma, gamma2 = [0.0] * steps, [0.0] * steps
     if order == 0:
         return gamma, gamma2
-    plan = _plan(compute, len(model.blocks), "step", order, filtering, traj.grid)
+    plan = plan_for_schedule(compute, len(model.blocks), "step", order, filtering, traj.grid)
     labels = traj.labels[samples]
     ex = CacheExecutor(model, labels, plan, steps=steps, sampler=traj.sampler, guidance=traj.guidance)
     x = traj.latents[0][samples]
@@ -471,7 +471,7 @@ def build_plan(engine, *, compute_fraction: float, warmup: int, tail: int,
         fit_half, held = slice(0, n // 2), slice(n // 2, n)
         for compute in schedules:
             g1, g2 = fit_gammas(compute, fit_half)
-            plan = _plan(compute, engine.blocks, "step", order, filt, engine.grid, g1, g2)
+            plan = plan_for_schedule(compute, engine.blocks, "step", order, filt, engine.grid, g1, g2)
             scores.append(engine.replay_error(plan, held))
         compute = schedules[min(range(len(schedules)), key=scores.__getitem__)]
     else:
@@ -484,4 +484,4 @@ def build_plan(engine, *, compute_fraction: float, warmup: int, tail: int,
                 candidates=len(schedules), heldout_mse=[float(f"{s:.4g}") for s in scores])
     info.update(engine.meta())
     info.update(meta or {})
-    return _plan(compute, engine.blocks, granularity, order, filt, engine.grid, gamma, gamma2, info)
+    return plan_for_schedule(compute, engine.blocks, granularity, order, filt, engine.grid, gamma, gamma2, info)
