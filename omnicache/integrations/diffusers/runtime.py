@@ -10,11 +10,27 @@ one block (``block``). Every stream a block returns that it also takes
 - reuse: the unit's first block returns ``inp + F + gamma * D1 + gamma2 * D2``
   (``CacheUnit.reuse``), its other blocks return their inputs unchanged.
 
+**Branch plans** (``granularity="branch"``: FORA, Learning-to-Cache) on models whose block
+classes declare their attention and MLP submodules (:class:`.adapters.BlockIO` ``attn`` /
+``mlp``): every block runs, and each branch submodule's ``forward`` is wrapped instead
+(unit ``2b + k``, ``k`` = 0 attention, 1 MLP). Store: the submodule runs and its output,
+taken before the block applies its adaLN gate, is stored (``CacheUnit.store(out)``, one unit
+per tensor it returns). Reuse: the submodule returns ``F + γ1 D1 + γ2 D2``
+(``CacheUnit.forecast``) and the block's own code applies the current step's gate, as FORA
+and L2C specify. Cross-attention (PixArt's, Wan's ``attn2``) belongs to the attention branch.
+Models with a block class that declares no branches run branch plans per block
+(:meth:`CachePlan.to_block`).
+
 **Static plans** become per-step action tuples before sampling
 (:func:`omnicache.cache.unit_actions`): no host synchronisation; gamma is a
 preallocated device scalar per step. **Dynamic policies** always compute the first
 blocks, measure the relative L1 of their signal (:func:`omnicache.cache.relative_change`,
-all-reduced over ``group`` under sequence parallelism) and compute or reuse the rest.
+all-reduced over ``group`` under sequence parallelism) and compute or reuse the rest: one
+decision for the whole batch (as diffusers' own FirstBlockCache), or with
+``enable(..., per_sample=True)`` one per sample (batch row), as our runtime's executor: the
+samples that compute run the remaining blocks as a sub-batch (each block's ``batched``
+arguments ``index_select``-ed, :class:`.adapters.BlockIO`), the others reuse, and their
+rows are joined again (``index_copy``) at each block's output.
 
 Steps are counted per cache context: diffusers pipelines name their calls with
 ``transformer.cache_context("cond" | "uncond" | ...)`` and each name keeps its own
@@ -24,7 +40,10 @@ counter, buffers and decisions.
 processes, per block (and outside the blocks), in eager calls. A block's count when it
 computes is its cost ``W_b``; ``compute_fraction`` is the FLOPs a run spent ÷ the FLOPs it
 would spend computing every block (calls traced by ``torch.compile`` or replayed in CUDA
-graphs count their computed blocks at ``W_b``).
+graphs count their computed blocks at ``W_b``). Counts are also kept per part of a block
+(attention branch, MLP branch, the rest): a branch plan's traced calls count the branches
+they ran, and :meth:`Runtime.plan_fraction` is the plan's own fraction from these per-branch
+costs (``summary().contexts[name]["plan_compute_fraction"]``).
 """
 
 from __future__ import annotations
@@ -488,8 +507,9 @@ class Runtime:
                 s = sum(p[2] + a * p[0] + m * p[1] for p, (a, m) in zip(part, ctx.branch_trace[n]))
             else:
                 s = sum(w * c for w, c in zip(cost, computed))
-            spent += counts[-1] + s
-            uncached += counts[-1] + sum(cost)
+            outside = counts[-1] if eager or self.outside_cost is None else self.outside_cost
+            spent += outside + s
+            uncached += outside + sum(cost)
         return spent, uncached
 
     def plan_fraction(self) -> float | None:
