@@ -2,12 +2,14 @@
 
     from omnicache.integrations import diffusers as oc
     oc.enable(pipe, FORAConfig())              # or a CachePlan, or a dynamic policy
+                                               # (per_sample=True: one decision per batch row)
     pipe(...); oc.summary(pipe).compute_fraction
     oc.disable(pipe)
 
 Split by job: :mod:`.adapters` (which blocks a model runs, each block class's I/O by
-name), :mod:`.runtime` (per-cache-context state over :mod:`omnicache.cache`),
-:mod:`.install` (enable / disable: block wrappers, forward variants, hooks).
+name, its attention/MLP branch submodules and batched arguments), :mod:`.runtime`
+(per-cache-context state over :mod:`omnicache.cache`), :mod:`.install` (enable / disable:
+block and branch wrappers, forward variants, hooks).
 """
 
 from .adapters import BLOCKS, MODELS, SUPPORTED_MODELS, BlockIO, ModelSpec

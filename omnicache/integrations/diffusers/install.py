@@ -1,11 +1,12 @@
 """Installing caching on a diffusers transformer and taking it off again.
 
-:func:`enable` wraps each block's ``forward`` (an instance attribute), wraps
+:func:`enable` wraps each block's ``forward`` (an instance attribute) and, for branch
+plans, each branch submodule's (:class:`.adapters.BlockIO` ``attn`` / ``mlp``), wraps
 ``cache_context`` so each context keeps its own state, hooks the pipeline scheduler's
 ``set_timesteps`` (the number of steps, and a new run), registers the FLOP counters on
-the ``nn.Linear`` layers, and installs the static plan's ``forward`` variants. Each
-distinct per-step pattern runs through its own copy of the transformer's ``forward`` code
-object, installed before the call (outside any compiled region), so
+the ``nn.Linear`` layers (by block and branch), and installs the static plan's
+``forward`` variants. Each distinct per-step pattern runs through its own copy of the
+transformer's ``forward`` code object, installed before the call (outside any compiled region), so
 ``torch.compile(transformer, fullgraph=True)`` compiles each pattern once and never
 recompiles from step to step. With diffusers hooks on the transformer (context
 parallelism's input split, ...), the variant is installed beneath them, where the class

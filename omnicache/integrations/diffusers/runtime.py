@@ -374,8 +374,8 @@ class Runtime:
         act = self.step_actions[u]
         key = (k, kind, j)
         if act == REUSE:
-            if not torch.compiler.is_compiling():
-                self.skip_count = module  # a Linear branch's own FLOP hook still fires
+            if isinstance(module, torch.nn.Linear) and not torch.compiler.is_compiling():
+                self.skip_count = module  # a Linear branch's own FLOP hook still fires: it counts nothing
             units = self.current.units[u]
             g1 = self.gamma_t if self.use_g1 else None
             g2 = self.gamma2_t if self.use_g2 else None
