@@ -166,6 +166,20 @@ class CacheUnit:
         """``x + F + γ1 D1 + γ2 D2`` into a fresh contiguous tensor (``x`` untouched)."""
         return self.reuse_(torch.clone(x, memory_format=torch.contiguous_format), gamma, gamma2)
 
+    def forecast(self, gamma=None, gamma2=None) -> torch.Tensor:
+        """``F + γ1 D1 + γ2 D2`` into a fresh tensor: a branch output at a reuse step, for an
+        engine whose block applies the current gate itself (diffusers' branch caching)."""
+        D1, D2 = self.drifts()
+        out = self.F.clone()
+        for coef, d in ((gamma, D1), (gamma2, D2)):
+            if coef is None:
+                continue
+            if isinstance(coef, torch.Tensor):
+                out.add_(d * coef)
+            else:
+                out.add_(d, alpha=coef)
+        return out
+
 
 # ------------------------------------------------------------------ dynamic decision
 def per_sample_rel(stats: torch.Tensor, rows_per_sample: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_full_plan_equals_unpatched_and_disable_restores(name):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("config", [FORAConfig(), TaylorSeerConfig(order=2), FORAConfig(granularity="step"),
                                     TeaCacheConfig(threshold=0.1), FirstBlockCacheConfig(threshold=0.1)],
-                         ids=["fora-block", "taylorseer2", "fora-step", "teacache", "fbc"])
+                         ids=["fora-branch", "taylorseer2", "fora-step", "teacache", "fbc"])
 def test_policies_run_and_summary(name, config):
     m, shape, inputs = dm.make(name)
     ref = dm.sample(m, shape, inputs, STEPS)
@@ -95,9 +95,10 @@ def _l2c_like_plan(steps, blocks):
 
 
 @pytest.mark.parametrize("name", ["DiT", "Flux", "Wan"])
-def test_l2c_branch_plan_runs_per_block(name, tmp_path):
-    """An L2C plan (branch level) runs at block granularity: a block computes where either of its
-    branches does; the same through ``L2CConfig(plan_path=...)``."""
+def test_l2c_branch_plan_projected_with_block_granularity(name, tmp_path):
+    """An L2C plan (branch level) with ``granularity="block"`` runs projected: a block computes
+    where either of its branches does; the same through ``L2CConfig(plan_path=...)``. (By default
+    it runs per branch: tests/test_diffusers_branch.py.)"""
     from omnicache.policies import L2CConfig
 
     m, shape, inputs = dm.make(name)
@@ -109,7 +110,7 @@ def test_l2c_branch_plan_runs_per_block(name, tmp_path):
     plan.save(path)
     traces = []
     for config in (plan, L2CConfig(plan_path=str(path)), block):
-        od.enable(m, config, steps=STEPS)
+        od.enable(m, config, steps=STEPS, granularity="block")
         out = dm.sample(m, shape, inputs, STEPS)
         s = od.summary(m)
         od.disable(m)

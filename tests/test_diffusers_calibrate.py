@@ -140,3 +140,21 @@ def test_fit_teacache_on_the_model():
     s = oc.summary(m)
     oc.disable(m)
     assert 0 < s.compute_fraction <= 1
+
+
+def test_train_router_plan_keeps_its_branch_saving():
+    """Learning-to-Cache on tiny Flux: the summary's counted compute fraction equals the plan's
+    branch-level fraction (FLOPs measured per block and branch) within 0.02."""
+    m, shape, inputs = dm.make("Flux")
+    plan = oc.train_router(m, L2CConfig(compute_fraction=0.7, iters=8), run=euler(m, shape, inputs, 0), steps=STEPS,
+                           progress=False)
+    assert plan.granularity == "branch" and plan.meta["model"]["class"] == "FluxTransformer2DModel"
+    assert abs(plan.meta["flops_fraction"] - 0.7) <= 0.03 and plan.meta["removed_in_cache_steps"] > 0
+    oc.enable(m, plan, steps=STEPS)
+    euler(m, shape, inputs, 3)()
+    s = oc.summary(m)
+    oc.disable(m)
+    assert s.granularity == "branch"
+    assert abs(s.compute_fraction - plan.meta["flops_fraction"]) <= 0.02
+    with pytest.raises(ValueError, match="correction"):
+        oc.train_router(m, L2CConfig(correction=True), run=euler(m, shape, inputs, 0), steps=STEPS)

@@ -2,20 +2,23 @@
 
     from omnicache.integrations import diffusers as oc
     oc.enable(pipe, FORAConfig())              # or a CachePlan, or a dynamic policy
+                                               # (per_sample=True: one decision per batch row)
     pipe(...); oc.summary(pipe).compute_fraction
     oc.disable(pipe)
 
 Split by job: :mod:`.adapters` (which blocks a model runs, each block class's I/O by
-name), :mod:`.runtime` (per-cache-context state over :mod:`omnicache.cache`),
-:mod:`.install` (enable / disable: block wrappers, forward variants, hooks),
-:mod:`.calibrate` (OmniCache and TeaCache calibrated on the user's own model).
+name, its attention/MLP branch submodules and batched arguments), :mod:`.runtime`
+(per-cache-context state over :mod:`omnicache.cache`), :mod:`.install` (enable / disable:
+block and branch wrappers, forward variants, hooks), :mod:`.calibrate` (OmniCache and
+TeaCache calibrated on the user's own model).
 """
 
 from .adapters import BLOCKS, MODELS, SUPPORTED_MODELS, BlockIO, ModelSpec
 from .calibrate import DiffusersEngine, calibrate, fit_teacache
+from .router import train_router
 from .install import _ATTR, disable, enable, reset, runtime_of, summary
 
 _runtime = runtime_of  # the name earlier versions exported
 
-__all__ = ["enable", "disable", "reset", "summary", "runtime_of", "calibrate", "fit_teacache", "DiffusersEngine",
+__all__ = ["enable", "disable", "reset", "summary", "runtime_of", "calibrate", "fit_teacache", "train_router", "DiffusersEngine",
            "SUPPORTED_MODELS", "MODELS", "BLOCKS", "BlockIO", "ModelSpec"]

@@ -4,7 +4,9 @@ class's inputs and outputs by name.
 Adding a model is one :data:`MODELS` entry (its ``ModuleList`` attributes, in the order
 its ``forward`` runs them), plus a :data:`BLOCKS` entry for each new block class: which
 streams it takes (``hidden_states`` and, for joint-attention blocks,
-``encoder_hidden_states``) and what it returns, by name and position.
+``encoder_hidden_states``) and what it returns, by name and position; optionally its
+*branches* (the attention and MLP submodules whose pre-gate outputs ``granularity="branch"``
+caches) and the ``forward`` arguments that carry the batch dimension (per-sample mode).
 """
 
 from __future__ import annotations
@@ -23,9 +25,24 @@ H, E = "hidden_states", "encoder_hidden_states"
 class BlockIO:
     """A block class's streams. ``returns``: the names of what ``forward`` returns, in order;
     a single name means it returns that tensor alone. ``cached``: the streams whose residual
-    is cached (each must be both an input and an output)."""
+    is cached (each must be both an input and an output).
+
+    ``attn`` / ``mlp``: the attribute names of the submodules forming the block's attention
+    branch (``k = 0`` of a plan) and MLP branch (``k = 1``); their outputs are taken BEFORE the
+    block applies its adaLN gate, so ``granularity="branch"`` caches them and the block's own
+    code applies the current step's gate. A missing or ``None`` attribute (PixArt's ``attn2``
+    on DiT) is skipped. Empty (the default): the block has no branches and branch plans run
+    projected to ``block`` (:meth:`CachePlan.to_block`).
+
+    ``batched``: the ``forward`` arguments whose first dimension is the batch (per-sample
+    decisions run a sub-batch of them through the block); arguments not named (rotary
+    embeddings, ``*_kwargs``) are passed unchanged. ``None`` (the default): undeclared, and
+    ``enable(..., per_sample=True)`` is refused for the model."""
 
     returns: tuple[str, ...] = (H,)
+    attn: tuple[str, ...] = ()
+    mlp: tuple[str, ...] = ()
+    batched: tuple[str, ...] | None = None
 
     @property
     def cached(self) -> tuple[str, ...]:
@@ -34,6 +51,10 @@ class BlockIO:
     @property
     def bare(self) -> bool:
         return len(self.returns) == 1
+
+    @property
+    def has_branches(self) -> bool:
+        return bool(self.attn) and bool(self.mlp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +78,21 @@ MODELS: dict[str, ModelSpec] = {
     "CogVideoXTransformer3DModel": ModelSpec(("transformer_blocks",)),
 }
 
+# Branches: cross-attention (``attn2`` of PixArt's and Wan's blocks) belongs to the attention
+# branch; Flux's double block's ``ff_context`` and SD3's to the MLP branch (the text stream's MLP);
+# Flux's single block runs ``attn`` and ``proj_mlp`` in parallel, both feeding ``proj_out``
+# (which, with the gate, is computed every step).
+_T = "temb"
 BLOCKS: dict[str, BlockIO] = {
-    "BasicTransformerBlock": BlockIO((H,)),
-    "WanTransformerBlock": BlockIO((H,)),
-    "FluxTransformerBlock": BlockIO((E, H)),
-    "FluxSingleTransformerBlock": BlockIO((E, H)),
-    "JointTransformerBlock": BlockIO((E, H)),
-    "CogVideoXBlock": BlockIO((H, E)),
+    "BasicTransformerBlock": BlockIO((H,), attn=("attn1", "attn2"), mlp=("ff",),
+                                     batched=(H, "attention_mask", E, "encoder_attention_mask", "timestep",
+                                              "class_labels")),
+    "WanTransformerBlock": BlockIO((H,), attn=("attn1", "attn2"), mlp=("ffn",), batched=(H, E, _T)),
+    "FluxTransformerBlock": BlockIO((E, H), attn=("attn",), mlp=("ff", "ff_context"), batched=(H, E, _T)),
+    "FluxSingleTransformerBlock": BlockIO((E, H), attn=("attn",), mlp=("proj_mlp",), batched=(H, E, _T)),
+    "JointTransformerBlock": BlockIO((E, H), attn=("attn", "attn2"), mlp=("ff", "ff_context"),
+                                     batched=(H, E, _T)),
+    "CogVideoXBlock": BlockIO((H, E), attn=("attn1",), mlp=("ff",), batched=(H, E, _T)),
 }
 
 # model class -> its ModuleLists of blocks (kept for callers that count blocks)
@@ -77,7 +106,7 @@ class BoundBlock:
     def __init__(self, module: torch.nn.Module, io: BlockIO):
         self.module, self.io = module, io
         params = list(inspect.signature(type(module).forward).parameters)[1:]  # skip self
-        self.pos = {n: params.index(n) if n in params else None for n in (H, E)}
+        self.pos = {n: params.index(n) if n in params else None for n in (H, E, *(io.batched or ()))}
 
     def inputs(self, args, kwargs) -> dict:
         """``{stream name: tensor or None}`` for the cached streams of this call."""
@@ -102,6 +131,37 @@ class BoundBlock:
         if self.io.bare:
             return values[self.io.returns[0]]
         return tuple(values.get(n) for n in self.io.returns)
+
+    def branches(self) -> list:
+        """``[(kind, j, submodule)]``: kind 0 = attention, 1 = MLP; ``j`` the submodule's index
+        within its branch (missing or ``None`` attributes skipped)."""
+        out = []
+        for kind, names in enumerate((self.io.attn, self.io.mlp)):
+            for j, name in enumerate(names):
+                sub = getattr(self.module, name, None)
+                if isinstance(sub, torch.nn.Module):
+                    out.append((kind, j, sub))
+        return out
+
+    def sub_batch(self, args, kwargs, rows: torch.Tensor, batch: int):
+        """``(args, kwargs)`` with every ``batched`` argument's rows ``rows`` (``index_select``
+        on dim 0); a batch dimension of 1 broadcasts and is passed unchanged."""
+        args, kwargs = list(args), dict(kwargs)
+        for n in self.io.batched or ():
+            if n in kwargs:
+                holder, key = kwargs, n
+            elif self.pos.get(n) is not None and self.pos[n] < len(args):
+                holder, key = args, self.pos[n]
+            else:
+                continue
+            x = holder[key]
+            if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] == 1 and batch != 1:
+                continue
+            if x.shape[0] != batch:
+                raise ValueError(f"omnicache: {type(self.module).__name__}.{n} has first dimension "
+                                 f"{x.shape[0]}, declared batched (batch {batch})")
+            holder[key] = x.index_select(0, rows)
+        return tuple(args), kwargs
 
 
 def model_blocks(transformer) -> list[BoundBlock]:

@@ -290,7 +290,7 @@ class DiffusersEngine:
             bar.update()
 
         handles = [first.module.register_forward_pre_hook(pre, with_kwargs=True),
-                   last.module.register_forward_hook(post, with_kwargs=True)]
+                   last.module.register_forward_hook(post, with_kwargs=True), *self._extra_hooks(rt)]
         latents, sens = [], []
         restore = self._wrap_step(latents, sens)
         try:
@@ -301,6 +301,7 @@ class DiffusersEngine:
             restore()
             bar.close()
             self.steps = rt.steps
+            self._after_record(rt)
             disable(self.pipe if self.pipe is not None else self.transformer)
         self.blocks = rt.n
         self.contexts = sorted(store, key=lambda n: (n is not None, str(n)))
@@ -313,6 +314,13 @@ class DiffusersEngine:
                                      for n in sorted(store[c][t]["res"])])[None] for t in range(self.steps)]
         self.latents = latents if len(latents) == self.steps + 1 else None
         self.scale = sens if len(sens) == self.steps else [1.0] * self.steps
+
+    def _extra_hooks(self, rt) -> list:
+        """Hook handles a subclass adds to the recording run (removed after it)."""
+        return []
+
+    def _after_record(self, rt) -> None:
+        """What a subclass reads off the runtime after the recording run."""
 
     def _wrap_step(self, latents, sens):
         """Record the latents around the scheduler's ``step`` and probe its sensitivity to

@@ -1,11 +1,12 @@
 """Installing caching on a diffusers transformer and taking it off again.
 
-:func:`enable` wraps each block's ``forward`` (an instance attribute), wraps
+:func:`enable` wraps each block's ``forward`` (an instance attribute) and, for branch
+plans, each branch submodule's (:class:`.adapters.BlockIO` ``attn`` / ``mlp``), wraps
 ``cache_context`` so each context keeps its own state, hooks the pipeline scheduler's
 ``set_timesteps`` (the number of steps, and a new run), registers the FLOP counters on
-the ``nn.Linear`` layers, and installs the static plan's ``forward`` variants. Each
-distinct per-step pattern runs through its own copy of the transformer's ``forward`` code
-object, installed before the call (outside any compiled region), so
+the ``nn.Linear`` layers (by block and branch), and installs the static plan's
+``forward`` variants. Each distinct per-step pattern runs through its own copy of the
+transformer's ``forward`` code object, installed before the call (outside any compiled region), so
 ``torch.compile(transformer, fullgraph=True)`` compiles each pattern once and never
 recompiles from step to step. With diffusers hooks on the transformer (context
 parallelism's input split, ...), the variant is installed beneath them, where the class
@@ -92,16 +93,18 @@ class _Installer:
         return output
 
 
-def _linear_hook(rt, index, module, args, output):
-    """Count ``2 · in · out`` FLOPs per row an ``nn.Linear`` processes (eager calls only)."""
+def _linear_hook(rt, index, part, module, args, output):
+    """Count ``2 · in · out`` FLOPs per row an ``nn.Linear`` processes (eager calls only), by
+    block ``index`` and ``part`` (0 attention branch, 1 MLP branch, 2 the rest)."""
     if torch.compiler.is_compiling():
         return
     x = args[0]
-    rt.count_linear(index, 2 * module.in_features * module.out_features * (x.numel() // module.in_features))
+    rt.count_linear(index, 2 * module.in_features * module.out_features * (x.numel() // module.in_features),
+                    part, module)
 
 
 def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity: str | None = None,
-           group=None, check_plan: bool = True):
+           group=None, check_plan: bool = True, per_sample: bool = False):
     """Enable feature caching on a diffusers transformer (or a pipeline's ``.transformer``).
 
     Args:
@@ -114,9 +117,12 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
             ``plan_path``) is refused here: calibrate it first.
         steps: sampling steps per run; with a pipeline, read from its scheduler if None.
             Without a pipeline, a static policy needs it here.
-        granularity: ``"step"`` or ``"block"``; default the policy's (``"branch"``
-            policies and plans, e.g. Learning-to-Cache's, run at ``"block"``: a block computes
-            where either of its branches does, :meth:`CachePlan.to_block`).
+        granularity: ``"step"``, ``"block"`` or ``"branch"``; default the policy's. ``"branch"``
+            (FORA's and Learning-to-Cache's plans) caches each block's attention and MLP
+            submodule outputs before the block applies its gate (the branches each block class
+            declares, :class:`.adapters.BlockIO`); on a model whose block classes declare none,
+            a branch policy runs at ``"block"`` (a block computes where either branch does,
+            :meth:`CachePlan.to_block`), as does a branch plan with ``granularity="block"``.
         group: a ``torch.distributed`` process group over which the sequence is sharded;
             dynamic policies sum their statistics over it so every rank decides alike. None:
             the group of diffusers' context parallelism when it is enabled on the
@@ -124,6 +130,12 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
         check_plan: refuse a plan made for another model (class, block count, config
             fingerprint in ``plan.meta["model"]``). ``False`` is the documented override for
             deliberately reusing a plan on another model.
+        per_sample: dynamic policies decide per sample (batch row): the samples that must
+            compute run the remaining blocks as a sub-batch (the block arguments
+            :class:`.adapters.BlockIO` declares ``batched``, ``index_select``-ed), the others
+            reuse, as our runtime's executor does. Default False: one decision for the whole
+            batch, as diffusers' own FirstBlockCache. No effect on static plans (every sample
+            follows the plan).
 
     Raises:
         RuntimeError: caching is already enabled on this transformer.
@@ -138,7 +150,7 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
     if cls not in MODELS:
         raise TypeError(f"omnicache.integrations.diffusers does not support {cls}; "
                         f"supported: {', '.join(MODELS)}")
-    rt = Runtime(transformer, pipe, config, steps, granularity, group, check_plan)
+    rt = Runtime(transformer, pipe, config, steps, granularity, group, check_plan, per_sample=per_sample)
     if steps is None and rt.kind == "static" and getattr(pipe, "scheduler", None) is None:
         raise ValueError(f"steps: a static policy on a bare {cls} needs enable(..., steps=N) "
                          f"(with a pipeline, its scheduler gives the steps)")
@@ -151,16 +163,24 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
     inst.saved_blocks = [vars(blk).get("forward") for blk in rt.blocks]
     for k, blk in enumerate(rt.blocks):
         blk.forward = functools.partial(rt.block_forward, k, blk.forward)
+    # branch plans: each branch submodule's forward (its pre-gate output is cached)
+    branch_subs = [(k, kind, j, sub) for k, bb in enumerate(rt.bound) for kind, j, sub in bb.branches()]
+    inst.saved_branches = []
+    if rt.granularity == "branch":
+        for k, kind, j, sub in branch_subs:
+            inst.saved_branches.append((sub, vars(sub).get("forward")))
+            sub.forward = functools.partial(rt.branch_forward, k, kind, j, sub.forward, sub)
     inst.handles = []
     if rt.teacache:
         norm1 = getattr(rt.blocks[0], "norm1", None)
         if norm1 is None:
             raise TypeError(f"{type(config).__name__} needs block 0's norm1 on {cls}")
         inst.handles.append(norm1.register_forward_hook(rt.capture_norm1))
-    index = {id(m): b for b, blk in enumerate(rt.blocks) for m in blk.modules()}
+    index = {id(m): (b, 2) for b, blk in enumerate(rt.blocks) for m in blk.modules()}
+    index.update({id(m): (k, kind) for k, kind, _, sub in branch_subs for m in sub.modules()})
     for m in transformer.modules():
         if isinstance(m, torch.nn.Linear):
-            hook = functools.partial(_linear_hook, rt, index.get(id(m), -1))
+            hook = functools.partial(_linear_hook, rt, *index.get(id(m), (-1, 2)))
             inst.handles.append(m.register_forward_hook(hook))
     inst.handles.append(transformer.register_forward_pre_hook(torch.compiler.disable(inst.before_call)))
     inst.handles.append(transformer.register_forward_hook(torch.compiler.disable(inst.after_call)))
@@ -211,7 +231,7 @@ def disable(pipe_or_transformer) -> None:
     inst = rt.installer
     for h in inst.handles:
         h.remove()
-    for blk, fwd in zip(rt.blocks, inst.saved_blocks):
+    for blk, fwd in [*zip(rt.blocks, inst.saved_blocks), *inst.saved_branches]:
         del blk.forward
         if fwd is not None:
             blk.forward = fwd

@@ -10,11 +10,27 @@ one block (``block``). Every stream a block returns that it also takes
 - reuse: the unit's first block returns ``inp + F + gamma * D1 + gamma2 * D2``
   (``CacheUnit.reuse``), its other blocks return their inputs unchanged.
 
+**Branch plans** (``granularity="branch"``: FORA, Learning-to-Cache) on models whose block
+classes declare their attention and MLP submodules (:class:`.adapters.BlockIO` ``attn`` /
+``mlp``): every block runs, and each branch submodule's ``forward`` is wrapped instead
+(unit ``2b + k``, ``k`` = 0 attention, 1 MLP). Store: the submodule runs and its output,
+taken before the block applies its adaLN gate, is stored (``CacheUnit.store(out)``, one unit
+per tensor it returns). Reuse: the submodule returns ``F + γ1 D1 + γ2 D2``
+(``CacheUnit.forecast``) and the block's own code applies the current step's gate, as FORA
+and L2C specify. Cross-attention (PixArt's, Wan's ``attn2``) belongs to the attention branch.
+Models with a block class that declares no branches run branch plans per block
+(:meth:`CachePlan.to_block`).
+
 **Static plans** become per-step action tuples before sampling
 (:func:`omnicache.cache.unit_actions`): no host synchronisation; gamma is a
 preallocated device scalar per step. **Dynamic policies** always compute the first
 blocks, measure the relative L1 of their signal (:func:`omnicache.cache.relative_change`,
-all-reduced over ``group`` under sequence parallelism) and compute or reuse the rest.
+all-reduced over ``group`` under sequence parallelism) and compute or reuse the rest: one
+decision for the whole batch (as diffusers' own FirstBlockCache), or with
+``enable(..., per_sample=True)`` one per sample (batch row), as our runtime's executor: the
+samples that compute run the remaining blocks as a sub-batch (each block's ``batched``
+arguments ``index_select``-ed, :class:`.adapters.BlockIO`), the others reuse, and their
+rows are joined again (``index_copy``) at each block's output.
 
 Steps are counted per cache context: diffusers pipelines name their calls with
 ``transformer.cache_context("cond" | "uncond" | ...)`` and each name keeps its own
@@ -24,7 +40,10 @@ counter, buffers and decisions.
 processes, per block (and outside the blocks), in eager calls. A block's count when it
 computes is its cost ``W_b``; ``compute_fraction`` is the FLOPs a run spent ÷ the FLOPs it
 would spend computing every block (calls traced by ``torch.compile`` or replayed in CUDA
-graphs count their computed blocks at ``W_b``).
+graphs count their computed blocks at ``W_b``). Counts are also kept per part of a block
+(attention branch, MLP branch, the rest): a branch plan's traced calls count the branches
+they ran, and :meth:`Runtime.plan_fraction` is the plan's own fraction from these per-branch
+costs (``summary().contexts[name]["plan_compute_fraction"]``).
 """
 
 from __future__ import annotations
@@ -53,9 +72,14 @@ class _Context:
     trace: list = dataclasses.field(default_factory=list)  # per call: computed flags per block
     stats: list = dataclasses.field(default_factory=list)  # per call: dict
     flops: list = dataclasses.field(default_factory=list)  # per call: linear FLOPs per block (+ outside)
+    branch_trace: list = dataclasses.field(default_factory=list)  # branch plans, per call: [attn, mlp] per block
     decider: object = None
     ref: torch.Tensor | None = None
     compute: bool = True
+    rows: torch.Tensor | None = None  # per-sample mode: the rows that compute when only some do
+    decisions: list | None = None  # per-sample mode: this call's decision per sample
+    batch: int = 0  # per-sample mode: the batch the decider was started with
+    row_stored: list | None = None  # per-sample mode: per sample, a residual is stored
 
     def __post_init__(self):
         self.units = [{} for _ in range(self.n_units)]
@@ -65,9 +89,9 @@ class _Context:
 class Runtime:
     """Everything :func:`.install.enable` installs on one transformer (see the module docstring)."""
 
-    def __init__(self, transformer, pipe, config, steps, granularity, group, check_plan=True):
+    def __init__(self, transformer, pipe, config, steps, granularity, group, check_plan=True, per_sample=False):
         self.transformer, self.pipe, self.config, self.group = transformer, pipe, config, group
-        self.check_plan = check_plan
+        self.check_plan, self.per_sample = check_plan, bool(per_sample)
         self.bound = model_blocks(transformer)
         self.blocks = [b.module for b in self.bound]
         self.n = len(self.blocks)
@@ -82,14 +106,22 @@ class Runtime:
             raise ValueError(f"{type(config).__name__} has no plan: calibrate it on this model first "
                              f"(plan = omnicache.integrations.diffusers.calibrate(pipe, config, ...) or "
                              f"train_router(...)), then enable(pipe, plan)")
+        # branch caching needs every block class to declare its attention and MLP submodules
+        self.has_branches = all(b.io.has_branches for b in self.bound)
         if granularity is None:
             granularity = getattr(config, "granularity", "step")
-            if granularity == "branch":  # diffusers blocks expose no shared attention/MLP branch API:
-                granularity = "block"  # branch plans (FORA, L2C) run per block (CachePlan.to_block)
-        if granularity not in ("step", "block"):
-            raise ValueError(f"omnicache.integrations.diffusers supports granularity 'step' or 'block', "
-                             f"got {granularity!r}")
+            if granularity == "branch" and not self.has_branches:
+                granularity = "block"  # blocks without declared branches: per block (CachePlan.to_block)
+        allowed = ("step", "block", "branch") if self.has_branches else ("step", "block")
+        if granularity not in allowed:
+            raise ValueError(f"omnicache.integrations.diffusers supports granularity "
+                             f"{', '.join(map(repr, allowed))} on {type(transformer).__name__}, got {granularity!r}")
         self.granularity = granularity if self.kind == "static" else "step"
+        if self.per_sample:
+            undeclared = sorted({type(b.module).__name__ for b in self.bound if b.io.batched is None})
+            if undeclared:
+                raise TypeError(f"per_sample: block class(es) {', '.join(undeclared)} declare no batched "
+                                f"arguments (adapters.BlockIO.batched)")
         self.policy_name = (config.meta.get("policy", "CachePlan") if isinstance(config, CachePlan)
                             else type(config).__name__.removesuffix("Config"))
         self.steps = None
@@ -108,9 +140,13 @@ class Runtime:
             self.units = [(self.head, self.n)]
         elif self.granularity == "step" and spec.stack:
             self.units = [(0, self.n)]
+        elif self.granularity == "branch":  # unit 2b + k: branch k (0 attention, 1 MLP) of block b
+            self.units = [(b, b + 1) for b in range(self.n) for _ in (0, 1)]
         else:  # per block (also ``step`` plans on models that reshape between blocks)
             self.units = [(b, b + 1) for b in range(self.n)]
         self.unit_of = [0] * self.n if len(self.units) == 1 else list(range(self.n))
+        if self.granularity == "branch":
+            self.unit_of = [2 * b for b in range(self.n)]
         self.inp = [None] * len(self.units)
         self.stats_out = [None] * len(self.units)
         # linear FLOPs: per block index (-1: outside the blocks), counted in eager calls
@@ -119,6 +155,12 @@ class Runtime:
         # calibration (.calibrate): at a reuse step, run the unit anyway and let ``fitting``
         # choose the forecast from the true output (closed-loop γ); None in normal use
         self.fitting = None
+        # per block: [attention, MLP, rest] linear FLOPs (what a branch costs), and outside the blocks
+        self.part_cost = [[None, None, None] for _ in range(self.n)]
+        self.outside_cost = None
+        self.call_parts = None
+        self.branch_shape = {}  # (block, kind, j) -> None (a tensor) or the tuple length of its output
+        self.skip_count = None  # a Linear branch submodule that returned its cache (its hook counts nothing)
         if steps is not None:
             self.set_steps(steps)
 
@@ -143,9 +185,9 @@ class Runtime:
         if plan.blocks != self.n:
             raise ValueError(f"CachePlan.blocks: plan has {plan.blocks} blocks but "
                              f"{type(self.transformer).__name__} has {self.n}")
-        if plan.granularity not in ("step", "block"):
-            raise ValueError(f"CachePlan.granularity: the diffusers integration supports 'step' or "
-                             f"'block', got {plan.granularity!r}")
+        if plan.granularity == "branch" and not self.has_branches:
+            raise ValueError(f"CachePlan.granularity: 'branch' needs every block class of "
+                             f"{type(self.transformer).__name__} to declare its branches (adapters.BlockIO)")
         if plan.granularity != self.granularity:
             raise ValueError(f"CachePlan.granularity: plan is {plan.granularity!r}, "
                              f"enable(granularity={self.granularity!r})")
@@ -153,7 +195,10 @@ class Runtime:
             plan.check_model(self.transformer, self.n)
         self.plan = plan
         self.order = plan_order(plan)
-        comp = [[row[lo][0] for lo, _ in self.units] for row in plan.compute]
+        if self.granularity == "branch":
+            comp = [[row[b][k] for b in range(self.n) for k in (0, 1)] for row in plan.compute]
+        else:
+            comp = [[row[lo][0] for lo, _ in self.units] for row in plan.compute]
         self.actions = [tuple(row) for row in unit_actions(comp, self.order)]
         dev = next(self.transformer.parameters()).device
         # one float32 device scalar per step, each its own storage (read on device only)
@@ -163,10 +208,11 @@ class Runtime:
     def _restart(self, ctx):
         ctx.step, ctx.ref, ctx.compute = 0, None, True
         ctx.stored = [False] * len(self.units)
-        ctx.trace, ctx.stats, ctx.flops = [], [], []
+        ctx.trace, ctx.stats, ctx.flops, ctx.branch_trace = [], [], [], []
+        ctx.rows, ctx.decisions, ctx.batch, ctx.row_stored = None, None, 0, None
         if self.kind == "dynamic":
             ctx.decider = self.config.decider(self.steps or 2**31 - 1, self.n)
-            ctx.decider.start(1)  # one decision per call: the whole batch
+            ctx.decider.start(1)  # one decision per call: the whole batch (per-sample: at the first call)
         for unit in ctx.units:  # every run starts from empty (zero) caches, as the executor's
             for cu in unit.values():
                 cu.reset()
@@ -205,40 +251,68 @@ class Runtime:
     # ------------------------------------------------------- eager, outside compiled code
     def before_call(self):
         self.call_flops = [0] * (self.n + 1)
+        self.call_parts = [[0, 0, 0] for _ in range(self.n)]
 
-    def count_linear(self, index, flops):
+    def count_linear(self, index, flops, part=2, module=None):
+        """``flops`` of one ``nn.Linear`` call in block ``index`` (-1: outside the blocks), in its
+        ``part`` (0 attention branch, 1 MLP branch, 2 the rest of the block)."""
+        if module is not None and module is self.skip_count:  # a cached Linear branch: nothing ran
+            self.skip_count = None
+            return
         if self.call_flops is not None:
             self.call_flops[index] += flops
+            if index >= 0:
+                self.call_parts[index][part] += flops
 
     def after_call(self):
         """The call's bookkeeping (eager, after the transformer returns)."""
         ctx = self.current
         if self.steps is not None and len(ctx.trace) == self.steps:
-            ctx.trace, ctx.stats, ctx.flops = [], [], []
+            ctx.trace, ctx.stats, ctx.flops, ctx.branch_trace = [], [], [], []
         stats = self.stats_out[:]
         self.stats_out[:] = [None] * len(self.units)
+        parts = [[True] * 3] * self.n  # per block: [attention, MLP, rest] ran on every row
         if self.kind == "static":
             acts = self.step_actions
-            computed = [acts[self.unit_of[b]] != REUSE for b in range(self.n)]
+            if self.granularity == "branch":  # the block's own code (modulation, gates) always runs
+                parts = [[acts[2 * b] != REUSE, acts[2 * b + 1] != REUSE, True] for b in range(self.n)]
+                ctx.branch_trace.append([p[:2] for p in parts])
+                computed = [p[0] or p[1] for p in parts]
+            else:
+                computed = [acts[self.unit_of[b]] != REUSE for b in range(self.n)]
+                parts = [[c] * 3 for c in computed]
             ctx.stats.append({"residual": stats, "gamma": self.plan.gamma[ctx.step]})
             for u, a in enumerate(acts):
                 ctx.stored[u] |= a == STORE
         else:
-            computed = [b < self.head or ctx.compute for b in range(self.n)]
-            ctx.stats.append({"signal_rel_l1": self.last_rel, "compute": ctx.compute,
+            if ctx.decisions is not None:  # per-sample: the fraction of samples that ran the rest
+                frac = sum(ctx.decisions) / len(ctx.decisions)
+                computed = [True if b < self.head else frac for b in range(self.n)]
+                compute = list(ctx.decisions)
+            else:
+                computed = [b < self.head or ctx.compute for b in range(self.n)]
+                compute = ctx.compute
+            parts = [[c == 1] * 3 for c in computed]
+            ctx.stats.append({"signal_rel_l1": self.last_rel, "compute": compute,
                               **ctx.decider.record(), "residual": stats})
         ctx.trace.append(computed)
         counts = self.call_flops or [0] * (self.n + 1)
-        for b, c in enumerate(computed):  # a computed block's count in an eager call is its cost
-            if c and counts[b] > 0:
-                self.block_cost[b] = counts[b]
+        for b, c in enumerate(computed):  # a fully computed block's count in an eager call is its cost
+            if counts[b] > 0:
+                if all(parts[b]):
+                    self.block_cost[b] = counts[b]
+                for k in range(3):  # each part that ran on every row: its cost
+                    if parts[b][k]:
+                        self.part_cost[b][k] = self.call_parts[b][k]
+        if self.call_flops is not None and any(counts[:-1]):
+            self.outside_cost = counts[-1]
         ctx.flops.append(counts)
-        self.call_flops = None
+        self.call_flops = self.call_parts = None
         ctx.step += 1
         if self.steps is not None and ctx.step == self.steps:  # the run is over: the next call starts one
-            trace, st, fl = ctx.trace, ctx.stats, ctx.flops
+            trace, st, fl, bt = ctx.trace, ctx.stats, ctx.flops, ctx.branch_trace
             self._restart(ctx)
-            ctx.trace, ctx.stats, ctx.flops = trace, st, fl
+            ctx.trace, ctx.stats, ctx.flops, ctx.branch_trace = trace, st, fl, bt
 
     # ------------------------------------------------------------- inside the block loop
     def _unit(self, u, stream, like):
@@ -280,6 +354,8 @@ class Runtime:
         if self.step_actions is None:
             raise RuntimeError("omnicache: the number of steps is unknown; pass enable(..., steps=N) "
                                "or call the pipeline (its scheduler's set_timesteps sets it)")
+        if self.granularity == "branch":  # the block runs; its branch submodules compute or reuse
+            return orig(*args, **kwargs)
         u = self.unit_of[k]
         lo, hi = self.units[u]
         act = self.step_actions[u]
@@ -318,6 +394,37 @@ class Runtime:
                 values[n] = x
         return self.bound[k].pack(values)
 
+    # ---------------------------------------------------------------- branch plans
+    def branch_forward(self, k, kind, j, orig, module, *args, **kwargs):
+        """A branch submodule's ``forward`` (branch ``kind`` of block ``k``, its ``j``-th
+        submodule): at a reuse step its cached pre-gate output (``F + γ1 D1 + γ2 D2``, the
+        block applies the current gate); at a store step it runs and its output is stored."""
+        u = 2 * k + kind
+        act = self.step_actions[u]
+        key = (k, kind, j)
+        if act == REUSE:
+            if isinstance(module, torch.nn.Linear) and not torch.compiler.is_compiling():
+                self.skip_count = module  # a Linear branch's own FLOP hook still fires: it counts nothing
+            units = self.current.units[u]
+            g1 = self.gamma_t if self.use_g1 else None
+            g2 = self.gamma2_t if self.use_g2 else None
+            n = self.branch_shape[key]
+            if n is None:
+                return units[(j, 0)].forecast(g1, g2)
+            return tuple(units[(j, e)].forecast(g1, g2) if (j, e) in units else None for e in range(n))
+        out = orig(*args, **kwargs)
+        if act == STORE:
+            single = isinstance(out, torch.Tensor)
+            if key not in self.branch_shape:
+                self.branch_shape[key] = None if single else len(out)
+            for e, x in enumerate((out,) if single else out):
+                if isinstance(x, torch.Tensor):
+                    stats = self._unit(u, (j, e), x).store(x)
+                    if j == e == 0:
+                        self.stats_out[u] = stats
+        return out
+
+    # -------------------------------------------------------------- dynamic policies
     def _dynamic_block(self, k, orig, args, kwargs):
         ctx = self.current
         if k < self.head:
@@ -329,6 +436,8 @@ class Runtime:
             return out
         if not ctx.compute:
             return self._reuse_unit(k, 0, self.bound[k].inputs(args, kwargs), False, False)
+        if ctx.rows is not None:
+            return self._rows_block(k, orig, args, kwargs)
         if k == self.head:
             self.inp[0] = self.bound[k].inputs(args, kwargs)
         out = orig(*args, **kwargs)
@@ -336,10 +445,44 @@ class Runtime:
             self._store_unit(k, 0, out)
         return out
 
+    def _rows_block(self, k, orig, args, kwargs):
+        """Per-sample mode, some samples compute: the block runs on their rows (``index_select``
+        of its batched arguments); the other rows reuse, as a whole-batch reuse does (the cached
+        residual at the first remaining block, unchanged through the others)."""
+        ctx, bb = self.current, self.bound[k]
+        rows = ctx.rows
+        inputs = bb.inputs(args, kwargs)
+        sub_args, sub_kwargs = bb.sub_batch(args, kwargs, rows, ctx.batch)
+        out = bb.outputs(orig(*sub_args, **sub_kwargs))
+        if k == self.head:
+            self.inp[0] = inputs
+            base = bb.outputs(self._reuse_unit(k, 0, inputs, False, False))
+        else:
+            base = inputs
+        full = {}
+        for name, x in out.items():
+            full[name] = None if x is None or base.get(name) is None else base[name].index_copy(0, rows, x)
+        if k == self.n - 1:  # the computed rows' residual, into their rows of F
+            ins = self.inp[0]
+            for name, x in out.items():
+                cu = ctx.units[0].get(name)
+                if x is None or cu is None or ins.get(name) is None:
+                    continue
+                res = CacheUnit(0)
+                res.F = cu.F.index_select(0, rows)
+                stats = res.store(x, ins[name].index_select(0, rows))
+                cu.F.index_copy_(0, rows, res.F)
+                if name == "hidden_states":
+                    self.stats_out[0] = stats
+            self.inp[0] = None
+        return bb.pack(full)
+
     def _decide(self, ctx, h):
         """Signal, its relative L1 to the reference (over the group), the decision."""
         sig = self.norm1_out if self.teacache else h - self.inp0
         self.norm1_out = self.inp0 = None
+        if self.per_sample:
+            return self._decide_rows(ctx, sig)
         rel = None
         if ctx.ref is not None:  # the call's one host sync
             rel = relative_change(sig, ctx.ref, per_sample=False, group=self.resolve_group())[0]
@@ -352,6 +495,29 @@ class Runtime:
             ctx.ref = sig
         self.last_rel = rel
 
+    def _decide_rows(self, ctx, sig):
+        """Per-sample mode: one decision per sample (batch row), as our runtime's executor takes."""
+        batch = sig.shape[0]
+        if ctx.batch != batch:  # the first call of a run (or a new batch size): per-sample state
+            ctx.decider.start(batch)
+            ctx.batch, ctx.row_stored, ctx.ref = batch, [False] * batch, None
+        rel = None
+        if ctx.ref is not None:  # the call's one host sync
+            rel = relative_change(sig, ctx.ref, per_sample=True, group=self.resolve_group())
+        dec = [bool(d) or not st for d, st in zip(ctx.decider.decide(ctx.step, rel), ctx.row_stored)]
+        ctx.decisions, ctx.compute = dec, any(dec)
+        ctx.rows = None
+        if ctx.compute and not all(dec):
+            ctx.rows = torch.tensor([s for s in range(batch) if dec[s]], device=sig.device)
+        ctx.row_stored = [a or d for a, d in zip(ctx.row_stored, dec)]
+        if ctx.compute:
+            ctx.stored[0] = True
+        if ctx.decider.ref_every_step or all(dec):
+            ctx.ref = sig
+        elif ctx.rows is not None:  # the reference of the samples that computed
+            ctx.ref = ctx.ref.index_copy(0, ctx.rows, sig.index_select(0, ctx.rows))
+        self.last_rel = rel
+
     def capture_norm1(self, module, args, output):
         out = output[0] if isinstance(output, tuple) else output
         self.norm1_out = out.detach()
@@ -360,12 +526,40 @@ class Runtime:
     def _flops(self, ctx):
         """``(spent, uncached)`` linear FLOPs of a context's calls."""
         spent = uncached = 0.0
-        for computed, counts in zip(ctx.trace, ctx.flops):
-            cost = [c if c is not None else 0 for c in self.block_cost]
-            eager = any(counts[b] > 0 for b, c in enumerate(computed) if c)
-            spent += counts[-1] + (sum(counts[:-1]) if eager else sum(w for w, c in zip(cost, computed) if c))
-            uncached += counts[-1] + sum(cost)
+        cost = [c if c is not None else 0 for c in self.block_cost]
+        part = [[c if c is not None else 0 for c in p] for p in self.part_cost]
+        for n, (computed, counts) in enumerate(zip(ctx.trace, ctx.flops)):
+            eager = any(counts) if ctx.branch_trace else any(counts[b] > 0 for b, c in enumerate(computed) if c)
+            if eager:
+                s = sum(counts[:-1])
+            elif ctx.branch_trace:  # traced call of a branch plan: the branches that ran, and the rest
+                s = sum(p[2] + a * p[0] + m * p[1] for p, (a, m) in zip(part, ctx.branch_trace[n]))
+            else:
+                s = sum(w * c for w, c in zip(cost, computed))
+            outside = counts[-1] if eager or self.outside_cost is None else self.outside_cost
+            spent += outside + s
+            uncached += outside + sum(cost)
         return spent, uncached
+
+    def plan_fraction(self) -> float | None:
+        """The static plan's compute fraction from the linear FLOPs measured per block and branch
+        (attention, MLP, rest; outside the blocks): what the plan should spend ÷ uncached, for
+        comparing with the summary's counted ``compute_fraction``. None before a counted call
+        measured every part (or for dynamic policies)."""
+        if self.kind != "static" or self.outside_cost is None or \
+                any(c is None for p in self.part_cost for c in p):
+            return None
+        spent = uncached = 0.0
+        for acts in self.actions:
+            spent += self.outside_cost
+            uncached += self.outside_cost + sum(map(sum, self.part_cost))
+            for b, p in enumerate(self.part_cost):
+                if self.granularity == "branch":
+                    ran = (acts[2 * b] != REUSE, acts[2 * b + 1] != REUSE, True)
+                else:
+                    ran = (acts[self.unit_of[b]] != REUSE,) * 3
+                spent += sum(c for c, r in zip(p, ran) if r)
+        return spent / uncached if uncached else None
 
     def summary(self) -> RunSummary:
         contexts, spent, uncached, decisions = {}, 0.0, 0.0, []
@@ -384,14 +578,19 @@ class Runtime:
             contexts[name] = {"trace": ctx.trace, "compute_fraction": s / u if u else None,
                               "block_fraction": n_comp / n_all if n_all else None, "stats": steps,
                               "flops": s, "flops_uncached": u}
-            if ctx.trace:
-                decisions.append(torch.tensor(ctx.trace, dtype=torch.float32))
+            if self.kind == "static":
+                contexts[name]["plan_compute_fraction"] = self.plan_fraction()
+            if ctx.branch_trace:
+                contexts[name]["branch_trace"] = ctx.branch_trace
+                decisions.append(torch.tensor(ctx.branch_trace, dtype=torch.float32))
+            elif ctx.trace:
+                decisions.append(torch.tensor(ctx.trace, dtype=torch.float32).unsqueeze(-1).expand(-1, -1, 2))
         if uncached == 0.0 and calls:  # no eager call counted a block: fall back to block calls
             spent, uncached = float(computed), float(calls)
         cache_bytes = sum(cu.nbytes for ctx in self.contexts.values() for unit in ctx.units for cu in unit.values())
         cache_bytes += sum(ctx.ref.nbytes for ctx in self.contexts.values() if ctx.ref is not None)
         dec = torch.stack(decisions).mean(0) if decisions and len({d.shape for d in decisions}) == 1 else \
-            torch.zeros(0, self.n)
-        return RunSummary(self.policy_name, self.granularity, dec.unsqueeze(-1).expand(*dec.shape, 2).clone(),
+            torch.zeros(0, self.n, 2)
+        return RunSummary(self.policy_name, self.granularity, dec.clone(),
                           spent, uncached, 0.0, cache_bytes, 0, 1, steps=self.steps, blocks=self.n,
                           kind=self.kind, contexts=contexts)

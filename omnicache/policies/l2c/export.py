@@ -13,14 +13,29 @@ import torch
 
 from ...plan import CachePlan
 
-__all__ = ["export_plan", "removed_shares"]
+__all__ = ["export_plan", "removed_shares", "branch_costs"]
+
+
+def branch_costs(flops: dict, blocks: int) -> tuple[float, list, list, float]:
+    """``(fixed, attn[b], mlp[b], total)`` FLOPs per step and sample: what every step spends
+    (``fixed``: embedders, final layer, every block's modulation), each block's attention
+    and MLP branch, and an uncached step. ``flops`` is a model's ``flops_per_sample()``
+    (uniform blocks) or, for engines whose blocks differ (diffusers), per-block lists
+    ``block_attn`` / ``block_mlp`` with ``fixed`` and ``total``."""
+    attn, mlp = flops["block_attn"], flops["block_mlp"]
+    attn = [float(a) for a in attn] if isinstance(attn, (list, tuple)) else [float(attn)] * blocks
+    mlp = [float(m) for m in mlp] if isinstance(mlp, (list, tuple)) else [float(mlp)] * blocks
+    fixed = flops["fixed"] if "fixed" in flops else \
+        flops["embed"] + flops["final"] + blocks * flops["block_modulation"]
+    return float(fixed), attn, mlp, float(flops["total"])
 
 
 def _spent(compute: torch.Tensor, flops: dict):
     """FLOPs per sample of a branch-granularity ``compute`` (steps, blocks, 2) bool tensor."""
     steps, blocks = compute.shape[:2]
-    return (steps * (flops["embed"] + flops["final"] + blocks * flops["block_modulation"])
-            + flops["block_attn"] * int(compute[:, :, 0].sum()) + flops["block_mlp"] * int(compute[:, :, 1].sum()))
+    fixed, attn, mlp, _ = branch_costs(flops, blocks)
+    counts = compute.sum(0)  # (blocks, 2)
+    return steps * fixed + sum(attn[b] * int(counts[b, 0]) + mlp[b] * int(counts[b, 1]) for b in range(blocks))
 
 
 def removed_shares(compute: torch.Tensor, mask: list[bool]) -> tuple[float, float]:
@@ -54,10 +69,11 @@ def export_plan(beta: torch.Tensor, mask: list[bool], flops: dict, *, threshold:
         # branch kept adds its own FLOPs, so the fractions of all cuts are a running sum
         cand = sorted((-float(beta[i, b, k]), i, b, k) for i in range(steps) if not mask[i]
                       for b in range(blocks) for k in (0, 1))
-        unit, spent = steps * flops["total"], _spent(full, flops)
+        _, attn, mlp, total = branch_costs(flops, blocks)
+        unit, spent = steps * total, _spent(full, flops)
         n, best = 0, abs(spent / unit - compute_fraction)
-        for m, (_, _, _, k) in enumerate(cand, 1):
-            spent += flops["block_attn" if k == 0 else "block_mlp"]
+        for m, (_, _, b, k) in enumerate(cand, 1):
+            spent += attn[b] if k == 0 else mlp[b]
             if abs(spent / unit - compute_fraction) < best - 1e-12:
                 n, best = m, abs(spent / unit - compute_fraction)
         compute = full.clone()
@@ -67,7 +83,9 @@ def export_plan(beta: torch.Tensor, mask: list[bool], flops: dict, *, threshold:
         hi = -cand[n - 1][0] if n > 0 else 1.0  # the smallest β kept
         used = (lo + hi) / 2
     in_cache, overall = removed_shares(compute, mask)
+    total = branch_costs(flops, blocks)[3]
     info = dict(policy="L2C", threshold=round(used, 6), removed_in_cache_steps=round(in_cache, 4),
+                flops_fraction=round(_spent(compute, flops) / (steps * total), 6),
                 removed_overall=round(overall, 4), refresh=[i for i, f in enumerate(mask) if f])
     if compute_fraction is not None:
         info["target_compute_fraction"] = compute_fraction

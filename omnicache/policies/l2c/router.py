@@ -47,9 +47,10 @@ import torch
 from tqdm import tqdm
 
 from ...runtime.samplers import cfg_combine, cfg_labels, make_sampler
+from .export import branch_costs
 
 __all__ = ["TrainingSet", "RouterResult", "training_set", "refresh_mask", "routed_forward", "router_loss",
-           "train_router", "expected_compute"]
+           "train_router", "optimize_router", "expected_compute"]
 
 THETA_BOUND = 5.0
 
@@ -200,11 +201,13 @@ class RouterResult:
 
 def expected_compute(beta: torch.Tensor, mask: list[bool], flops: dict) -> torch.Tensor:
     """The FLOP fraction a plan with soft decisions ``beta`` would spend (refresh steps = 1)."""
+    fixed, attn, mlp, total = branch_costs(flops, beta.shape[1])
     full = torch.tensor(mask, dtype=torch.bool, device=beta.device)
     w = torch.where(full[:, None, None], torch.ones_like(beta), beta)
-    per_step = (flops["embed"] + flops["final"] + beta.shape[1] * flops["block_modulation"]
-                + flops["block_attn"] * w[:, :, 0].sum(1) + flops["block_mlp"] * w[:, :, 1].sum(1))
-    return per_step.sum() / (len(mask) * flops["total"])
+    attn = torch.tensor(attn, dtype=beta.dtype, device=beta.device)
+    mlp = torch.tensor(mlp, dtype=beta.dtype, device=beta.device)
+    per_step = fixed + (w[:, :, 0] * attn).sum(1) + (w[:, :, 1] * mlp).sum(1)
+    return per_step.sum() / (len(mask) * total)
 
 
 def _check_settings(steps, refresh, lam, iters, lr, batch, init, weight_decay):
@@ -285,13 +288,25 @@ def train_router(model, ts: TrainingSet, *, refresh: int = 2, lam: float = 1e-4,
     """
     steps, N = ts.inputs.shape[0], ts.inputs.shape[1]
     _check_settings(steps, refresh, lam, iters, lr, batch, init, weight_decay)
-    device = ts.inputs.device
-    flops = model.flops_per_sample()
     mask = refresh_mask(steps, refresh)
-    theta = torch.full((steps, len(model.blocks), 2), float(init), device=device, requires_grad=True)
+    result = optimize_router(lambda theta, idx: router_loss(model, ts, theta, mask, idx, lam), model,
+                             (steps, len(model.blocks), 2), N, mask, model.flops_per_sample(), iters=iters,
+                             lr=lr, batch=batch, init=init, weight_decay=weight_decay, seed=seed, progress=progress,
+                             device=ts.inputs.device)
+    result.settings.update(refresh=refresh, lam=lam, data=ts.source)
+    return result
+
+
+def optimize_router(loss_fn, model, shape: tuple, samples: int, mask: list[bool], flops: dict, *, iters: int,
+                    lr: float, batch: int, init: float, weight_decay: float, seed: int, progress: bool,
+                    device) -> RouterResult:
+    """The router's optimisation, for any engine: ``loss_fn(theta, sample_idx) -> (loss, mse)``
+    on a minibatch of the ``samples`` training samples; AdamW on ``θ`` (``shape``, starting at
+    ``init``), clamped to ``[-5, 5]``; ``model``'s weights frozen meanwhile (restored after)."""
+    theta = torch.full(shape, float(init), device=device, requires_grad=True)
     opt = torch.optim.AdamW([theta], lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    B = min(batch, N)
+    B = min(batch, samples)
     history = []
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -301,8 +316,8 @@ def train_router(model, ts: TrainingSet, *, refresh: int = 2, lam: float = 1e-4,
         with torch.enable_grad():  # callers (the executor, generate) may run under no_grad
             bar = tqdm(range(iters), desc="train-router", unit="it", disable=not progress, file=sys.stderr)
             for _ in bar:
-                idx = torch.randperm(N, generator=generator)[:B].to(device)
-                loss, mse = router_loss(model, ts, theta, mask, idx, lam)
+                idx = torch.randperm(samples, generator=generator)[:B].to(device)
+                loss, mse = loss_fn(theta, idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -315,6 +330,6 @@ def train_router(model, ts: TrainingSet, *, refresh: int = 2, lam: float = 1e-4,
     finally:
         for p, req in zip(model.parameters(), frozen):
             p.requires_grad_(req)
-    settings = dict(refresh=refresh, lam=lam, iters=iters, lr=lr, batch=B, init=init, weight_decay=weight_decay,
-                    seed=seed, data=ts.source, train_samples=N)
+    settings = dict(iters=iters, lr=lr, batch=B, init=init, weight_decay=weight_decay, seed=seed,
+                    train_samples=samples)
     return RouterResult(theta.detach(), mask, history, time.perf_counter() - t0, settings)
