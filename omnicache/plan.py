@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .io import atomic_write_text
+
 __all__ = ["CachePlan", "GRANULARITIES", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
@@ -205,13 +207,16 @@ class CachePlan:
         return copy.deepcopy({name: getattr(self, name) for name in _FIELDS})
 
     def save(self, path) -> None:
-        """Write the plan as JSON: one line per field, one line per step of ``compute``."""
+        """Write the plan as JSON: one line per field, one line per step of ``compute``.
+
+        The write is atomic (:mod:`omnicache.io`): a failed save leaves an existing file
+        at ``path`` as it was."""
         d = self.to_dict()
         lines = [f"  {json.dumps(k)}: {json.dumps(d[k], allow_nan=False)}" for k in _FIELDS if k not in ("compute", "meta")]
         lines.append(f'  "meta": {json.dumps(d["meta"], allow_nan=False)}')
         rows = ",\n    ".join(json.dumps(row) for row in d["compute"])
         lines.append(f'  "compute": [\n    {rows}\n  ]')
-        Path(path).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+        atomic_write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")
 
     @classmethod
     def from_dict(cls, d) -> CachePlan:
