@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .io import atomic_path, atomic_write_text
+
 
 class OneLineParser(argparse.ArgumentParser):
     """Bad arguments: one line on stderr, exit status 2, no usage dump or traceback."""
@@ -47,7 +49,7 @@ def _labels(samples: int) -> torch.Tensor:
     return torch.arange(samples) % 10
 
 
-def _save_grid(rows: list[dict], path: pathlib.Path, columns: int = 10) -> None:
+def _save_grid(rows: list[dict], path, columns: int = 10) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +65,10 @@ def _save_grid(rows: list[dict], path: pathlib.Path, columns: int = 10) -> None:
                 ax.imshow(images[c, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         axes[r][0].set_title(row["policy"], fontsize=7, loc="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _write(out: pathlib.Path | None, rows: list[dict], bench, args) -> None:
@@ -77,7 +81,16 @@ def _write(out: pathlib.Path | None, rows: list[dict], bench, args) -> None:
                   seed=args.seed, guidance=bench.guidance, command="omnicache " + " ".join(sys.argv[1:]),
                   results=[public_row(r) for r in rows])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+
+
+def _write_demo(out: pathlib.Path, rows: list[dict], bench, args) -> None:
+    """``samples.png`` and ``demo.json`` in ``out``, both or neither: the image is drawn to a
+    temporary file first and put in place only once the JSON is written (atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "samples.png") as png:
+        _save_grid(rows, png)
+        _write(out / "demo.json", rows, bench, args)
 
 
 def _l2c_plans(bench, args) -> list:
@@ -124,9 +137,7 @@ def cmd_demo(args) -> int:
             rows.append(bench.measure(config))
     print(format_table(rows))
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_grid(rows, out / "samples.png")
-    _write(out / "demo.json", rows, bench, args)
+    _write_demo(out, rows, bench, args)
     print(f"wrote {out / 'samples.png'} and {out / 'demo.json'}")
     return 0
 

@@ -149,3 +149,53 @@ def test_sigkill_leaves_an_old_or_a_new_complete_file(tmp_path):
         assert len(data) == size and data == data[:1] * size, "a torn or truncated file"
         seen.add(data[:1])
     assert seen - {b"0"}, "the writer never completed a write; the test checked nothing"
+
+
+DEMO_WRITE = """
+import pathlib, types, torch
+from omnicache import cli
+rows = [dict(policy=name, compute_fraction=1.0, samples=torch.rand(3, 1, 8, 8)) for name in ("uncached", "fora")]
+bench = types.SimpleNamespace(labels=torch.arange(3), guidance=2.0)
+args = types.SimpleNamespace(device="cpu", steps=4, sampler="flow", seed=0)
+cli._write_demo(pathlib.Path({out!r}), rows, bench, args)
+"""
+
+
+def test_demo_output_under_a_file_size_limit_keeps_the_old_pair(tmp_path):
+    """The demo's image and JSON: both new or both old, never a truncated PNG."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-c", DEMO_WRITE.format(out=str(out))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(old) == ["demo.json", "samples.png"] and old["samples.png"][:4] == b"\x89PNG"
+    (out / "demo.json").write_text('{"old": true}\n')
+    (out / "samples.png").write_bytes(b"old png")
+    proc = _limited(DEMO_WRITE.format(out=str(out)), 4096)  # the PNG is larger than 4 KiB
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert (out / "demo.json").read_text() == '{"old": true}\n'
+    assert (out / "samples.png").read_bytes() == b"old png"
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json", "samples.png"]
+
+
+def test_demo_json_failure_keeps_the_old_image(tmp_path, monkeypatch):
+    import types
+
+    import torch
+
+    from omnicache import cli
+
+    out = tmp_path
+    (out / "samples.png").write_bytes(b"old png")
+    (out / "demo.json").write_text("old json")
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli, "atomic_write_text", fail)
+    rows = [dict(policy="uncached", samples=torch.rand(2, 1, 8, 8))]
+    bench = types.SimpleNamespace(labels=torch.arange(2), guidance=2.0)
+    args = types.SimpleNamespace(device="cpu", steps=4, sampler="flow", seed=0)
+    with pytest.raises(OSError, match="disk full"):
+        cli._write_demo(out, rows, bench, args)
+    assert (out / "samples.png").read_bytes() == b"old png" and (out / "demo.json").read_text() == "old json"
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json", "samples.png"]
