@@ -37,6 +37,8 @@ __all__ = ["CachePlan", "GRANULARITIES", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 GRANULARITIES = ("step", "block", "branch")
+# gamma/gamma2 become float32 device scalars: a value float32 cannot hold is refused on load.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FIELDS = ("version", "steps", "blocks", "granularity", "compute", "gamma", "gamma2", "meta")
 
 
@@ -89,6 +91,8 @@ def _coefficients(field: str, values, steps: int) -> list:
     for i, g in enumerate(values):
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
             _fail(f"{field}[{i}]", f"must be a finite number, got {g!r}")
+        if abs(g) > _FLOAT32_MAX:
+            _fail(f"{field}[{i}]", f"must be within float32 range (|value| <= {_FLOAT32_MAX:.8g}), got {g!r}")
         out.append(float(g))
     return out
 
@@ -120,7 +124,7 @@ class CachePlan:
     version: int = PLAN_VERSION
 
     def __post_init__(self):
-        if isinstance(self.version, bool) or self.version != PLAN_VERSION:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version != PLAN_VERSION:
             _fail("version", f"must be {PLAN_VERSION}, got {self.version!r}")
         _positive_int("steps", self.steps)
         _positive_int("blocks", self.blocks)
@@ -235,10 +239,29 @@ class CachePlan:
 
     @classmethod
     def load(cls, path) -> CachePlan:
-        """Read and validate a plan written by :meth:`save`."""
-        text = Path(path).read_text()
+        """Read and validate a plan written by :meth:`save`.
+
+        Raises ``ValueError`` naming the file (and the field) for anything that is not a
+        valid plan: not UTF-8, not JSON, nested too deeply, a field out of range; a folder
+        path is a ``ValueError`` too; a missing file is ``FileNotFoundError``."""
+        p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"CachePlan: {path}: is a folder, expected a plan file (JSON)")
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"CachePlan: {path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") \
+                from None
         try:
             d = json.loads(text)  # NaN/Infinity parse as floats and are refused by field below
         except json.JSONDecodeError as e:
             raise ValueError(f"CachePlan: {path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        except RecursionError:
+            raise ValueError(f"CachePlan: {path}: not a plan (JSON nested too deeply)") from None
+        try:
+            return cls.from_dict(d)
+        except RecursionError:  # e.g. a deeply nested meta
+            raise ValueError(f"CachePlan: {path}: CachePlan.meta: nested too deeply") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
