@@ -199,3 +199,22 @@ def test_demo_json_failure_keeps_the_old_image(tmp_path, monkeypatch):
         cli._write_demo(out, rows, bench, args)
     assert (out / "samples.png").read_bytes() == b"old png" and (out / "demo.json").read_text() == "old json"
     assert sorted(p.name for p in out.iterdir()) == ["demo.json", "samples.png"]
+
+
+def test_every_writer_goes_through_omnicache_io():
+    """No module writes a file in place (a failed write would destroy the old file)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    raw = re.compile(r"\.write_(text|bytes)\(|torch\.save\(|open\([^)]*['\"][wa]b?\+?['\"]")
+    named = re.compile(r"\b(savefig|save_file)\(")
+    offenders = []
+    for path in [*(root / "omnicache").rglob("*.py"), *(root / "benchmarks").glob("*.py")]:
+        if path.name == "io.py":
+            continue
+        text = path.read_text()
+        for n, line in enumerate(text.splitlines(), 1):
+            if raw.search(line) or (named.search(line) and "atomic_path" not in text):
+                offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not offenders, "write through omnicache.io instead:\n" + "\n".join(offenders)
