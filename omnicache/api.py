@@ -64,7 +64,7 @@ def generate(model, labels, *, policy=None, steps: int = 50, sampler="flow", gui
 
     Args:
         model: a :class:`~omnicache.runtime.model.DiT` in eval mode.
-        labels: class ids (list or 1-D long tensor).
+        labels: class ids: a list of ints or a 1-D integer tensor (floats are refused, never truncated).
         policy: a policy config from :mod:`omnicache.policies`, a :class:`~omnicache.plan.CachePlan`,
             or None (uncached).
         steps: sampling steps; ``sampler``: ``"flow"``, ``"ddim"`` or a sampler object.
