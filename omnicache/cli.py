@@ -73,8 +73,9 @@ def _writable_folder(flag: str, text: str, folder: Path, create: bool) -> None:
 
 
 def _check_out_file(flag: str, text: str, create_parents: bool = False) -> None:
-    """``text`` is a file path the command can write at its end: not a folder, in a
-    (creatable) writable folder, and not a read-only file."""
+    """``text`` is a file path the command can write at its end: not a folder, and in a
+    folder that exists (or, with ``create_parents``, can be made) and is writable (the
+    atomic write renames a new file into place there)."""
     path = Path(text)
     if path.is_dir():
         raise ValueError(f"{flag} {text}: is a folder, expected a file path")
