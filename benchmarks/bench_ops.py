@@ -28,6 +28,8 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import opsbench  # noqa: E402
 
+from omnicache.io import atomic_write_text  # noqa: E402
+
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 
 
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
                   ops=rows)
     out = args.out or RESULTS_DIR / f"{'gpu' if on_gpu else 'cpu'}-ops-{slug(device_name(device))}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
 
     print(f"\nspeedup of each fused backend (median time ratio), written to {out}")
     print(f"{'op':17s} {'dtype':9s} {'numel':>10s} {'backend':8s} {'of copy':>8s} {'vs eager':>9s} {'vs compile':>11s}")
