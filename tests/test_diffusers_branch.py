@@ -202,7 +202,7 @@ def _alone(inputs, s, batch=2):
                          for k, v in inputs(x, t).items()}
 
 
-@pytest.mark.parametrize("name", ["Flux", "Wan"])
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("config", [FirstBlockCacheConfig, TeaCacheConfig], ids=["fbc", "teacache"])
 def test_per_sample_equals_each_sample_alone(name, config):
     """With two prompts in one call, each sample's decisions and outputs equal running it alone
