@@ -13,8 +13,7 @@ import diffusers_models as dm  # noqa: E402
 
 from omnicache.integrations import diffusers as od  # noqa: E402
 from omnicache.plan import CachePlan  # noqa: E402
-from omnicache.policies import (FirstBlockCacheConfig, FORAConfig, L2CConfig, TaylorSeerConfig,  # noqa: E402
-                                TeaCacheConfig)
+from omnicache.policies import FirstBlockCacheConfig, FORAConfig, L2CConfig, TeaCacheConfig  # noqa: E402
 
 STEPS = 6
 MODELS = list(dm.MODELS)
@@ -160,15 +159,18 @@ def test_blocks_without_branches_project_branch_plans(monkeypatch):
 
 
 def test_branch_compile_fullgraph_no_recompile():
-    """TaylorSeer order 2 per branch on Flux (tuple attention outputs, a Linear branch, STORE /
-    REUSE steps, D1 and D2, per-step gamma device scalars): every step pattern compiles once with
-    fullgraph=True, no recompile over two runs, equal to eager; the traced calls' compute
-    fraction is the plan's."""
+    """A branch plan on Flux with different actions per branch within a step (tuple attention
+    outputs, a Linear branch, STORE / REUSE / COMPUTE, D1 and D2, per-step gamma device
+    scalars): every step pattern compiles once with fullgraph=True, no recompile over two runs,
+    equal to eager; the traced calls' compute fraction is the plan's."""
     import torch._dynamo
 
     torch._dynamo.reset()
     m, shape, inputs = dm.make("Flux")
-    od.enable(m, TaylorSeerConfig(order=2, granularity="branch"), steps=STEPS)
+    p = _l2c_like_plan(STEPS, _n_blocks(m))
+    plan = CachePlan(STEPS, p.blocks, "branch", p.compute, p.gamma, [0.0] * (STEPS - 1) + [0.25])
+    od.enable(m, plan, steps=STEPS)
+    assert len(set(od.runtime_of(m)[1].actions)) >= 4
     eager = dm.sample(m, shape, inputs, STEPS)
     frac = od.summary(m).compute_fraction
     compiled = torch.compile(m, fullgraph=True)
