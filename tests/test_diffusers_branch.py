@@ -220,15 +220,21 @@ def test_per_sample_equals_each_sample_alone(name, config):
     best = None  # the threshold (a midpoint between measured changes) with the most mixed steps
     for thr in [(a + b) / 2 for a, b in zip(rels, rels[1:])]:
         od.enable(m, config(threshold=thr), steps=steps, per_sample=True)
+        rt = od.runtime_of(m)[1]
         outs = _run(m, x, inputs, steps)
         s = od.summary(m)
         od.disable(m)
         dec = [d["compute"] for d in s.contexts[None]["stats"]]
         mixed = sum(a != b for a, b in dec)
         if best is None or mixed > best[0]:
-            best = (mixed, thr, dec, outs, s)
-    mixed, thr, dec, outs, s = best
+            best = (mixed, thr, dec, outs, s, rt)
+    mixed, thr, dec, outs, s, rt = best
     assert mixed >= 1 and all(len(d) == 2 for d in dec)
+    # the sub-batch's linear FLOPs: each remaining block at the fraction of samples that ran it
+    trace, cost, outside = s.contexts[None]["trace"], rt.block_cost, rt.outside_cost
+    assert [row[-1] for row in trace] == [sum(d) / 2 for d in dec]
+    spent = sum(outside + sum(w * c for w, c in zip(cost, row)) for row in trace)
+    assert abs(s.compute_fraction - spent / (steps * (outside + sum(cost)))) < 1e-9
     assert s.compute_fraction < 1
     for smp in range(2):
         od.enable(m, config(threshold=thr), steps=steps)
