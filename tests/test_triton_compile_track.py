@@ -70,3 +70,23 @@ def test_one_compile_has_no_spills_and_vector_loads(track, kernels):
     assert aligned.load_bytes == 16  # ld.global.v4.b32
     unaligned = track.compile_one(k, "bf16", 90, "unaligned", {"HAS_DELTA": True}, sizes)
     assert unaligned.load_bytes < 8  # sizes not known divisible by 16: scalar loads
+
+
+def test_branch_values_cover_every_branch(track):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def demo(x_ptr, ORDER: tl.constexpr, MODE: tl.constexpr, FLAG: tl.constexpr,
+             BLOCK: tl.constexpr):
+        v = tl.load(x_ptr + tl.arange(0, BLOCK))
+        if ORDER >= 2:
+            v = v * 2
+        if FLAG and MODE == 1:
+            v = v + 1
+        elif 3 == MODE:
+            v = v - 1
+        tl.store(x_ptr + tl.arange(0, BLOCK), v)
+
+    branches = track._branches(demo, ["ORDER", "MODE", "FLAG", "BLOCK"])
+    assert branches == {"ORDER": [1, 2], "MODE": [1, 3, 4], "FLAG": [False, True]}

@@ -12,7 +12,7 @@ What it does, generically (no list of kernels or branches to keep in step):
   chain ends in ``else``), any other use in a test gives ``False``/``True``; the track
   compiles the cross product of all branch values;
 - **sizes**: every other constexpr (``BLOCK``, ``CHUNK``, ...) and ``num_warps`` take the
-  value the launcher passes: the keyword expression at the kernel's call site, evaluated
+  value the launcher passes (a flag it computes with a comparison or ``not``: both values): the keyword expression at the kernel's call site, evaluated
   with the module's globals and the launcher's default arguments (tuning defaults). A
   size that cannot be evaluated there needs an entry in ``SIZE_HINTS`` (the track stops
   with an error naming it, so a new kernel cannot be skipped silently);
@@ -132,38 +132,50 @@ def _param_comments(fn: JITFunction) -> dict[str, str]:
 
 
 def _branches(fn: JITFunction, constexprs: list[str]) -> dict[str, list]:
+    """Constexprs tested by an ``if`` (or a conditional expression) of the kernel body, and
+    the values that take every branch: compared with an int constant ``c``, ``== c``
+    gives ``c`` and one value that is none of the compared ones (the ``else``),
+    ``< c``/``>= c`` give ``c - 1`` and ``c``, ``> c``/``<= c`` give ``c`` and ``c + 1``;
+    any other use in a test gives ``False`` and ``True``."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn.fn)))
-    found: dict[str, set] = {}
-    has_else: set[str] = set()
+    tested: set[str] = set()
+    ints: dict[str, set[int]] = {}
+    equal: set[str] = set()
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.If, ast.IfExp)):
+        if not isinstance(node, (ast.If, ast.IfExp, ast.While)):
             continue
-        for name_node in ast.walk(node.test):
-            if isinstance(name_node, ast.Name) and name_node.id in constexprs:
-                found.setdefault(name_node.id, set())
-        test = node.test
-        if (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
-                and test.left.id in constexprs and len(test.ops) == 1
-                and isinstance(test.ops[0], (ast.Eq, ast.NotEq))
-                and isinstance(test.comparators[0], ast.Constant)
-                and isinstance(test.comparators[0].value, int)):
-            found[test.left.id].add(test.comparators[0].value)
-            orelse = node.orelse
-            if orelse and not (isinstance(orelse, list) and len(orelse) == 1
-                               and isinstance(orelse[0], ast.If)):
-                has_else.add(test.left.id)
+        for sub in ast.walk(node.test):
+            if isinstance(sub, ast.Name) and sub.id in constexprs:
+                tested.add(sub.id)
+            if not (isinstance(sub, ast.Compare) and len(sub.ops) == 1):
+                continue
+            left, op, right = sub.left, sub.ops[0], sub.comparators[0]
+            if isinstance(right, ast.Name) and isinstance(left, ast.Constant):  # 2 == MODE
+                left, right = right, left
+                op = {ast.Lt: ast.Gt(), ast.Gt: ast.Lt(), ast.LtE: ast.GtE(), ast.GtE: ast.LtE()}.get(type(op), op)
+            if not (isinstance(left, ast.Name) and left.id in constexprs and isinstance(right, ast.Constant)
+                    and isinstance(right.value, int) and not isinstance(right.value, bool)):
+                continue
+            c = right.value
+            values = ints.setdefault(left.id, set())
+            if isinstance(op, (ast.Eq, ast.NotEq)):
+                values.add(c)
+                equal.add(left.id)
+            elif isinstance(op, (ast.Lt, ast.GtE)):
+                values |= {c - 1, c}
+            elif isinstance(op, (ast.Gt, ast.LtE)):
+                values |= {c, c + 1}
     result = {}
-    for name in constexprs:
-        if name not in found:
+    for name in constexprs:  # in parameter order
+        if name not in tested:
             continue
-        ints = found[name]
-        if not ints:
+        if name not in ints:
             result[name] = [False, True]
-        else:
-            values = sorted(ints)
-            if name in has_else:
-                values.append(max(values) + 1)
-            result[name] = values
+            continue
+        values = sorted(ints[name])
+        if name in equal:
+            values.append(max(values) + 1)
+        result[name] = sorted(set(values))
     return result
 
 
@@ -217,6 +229,11 @@ def _sizes(kernel_name: str, sizes: list[str], modules) -> list[dict]:
             local = expr.id if isinstance(expr, ast.Name) else None
             if hint is not None:
                 choices.append([(name, v, local) for v in hint])
+            elif isinstance(expr, (ast.Compare, ast.BoolOp)) or (
+                    isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.Not)):
+                # A flag the launcher computes (`gate is not None`) that no `if` tests
+                # (e.g. used in tl.where): both values.
+                choices.append([(name, False, None), (name, True, None)])
             else:
                 choices.append([(name, expr, local)])
         for combo in itertools.product(*choices):
