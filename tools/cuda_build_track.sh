@@ -105,8 +105,10 @@ phase "nvcc"
 # ------------------------------------------------------------- 3. build from a copy
 # A copy of the tree (tracked and untracked-but-not-ignored files): the in-place build
 # of .venv (CPU torch) must not be overwritten by a library linked against CUDA torch.
+# (pip builds an editable install in a temporary folder: nothing to reuse, so a fresh copy.)
+rm -rf "$SRC"
 mkdir -p "$SRC"
-(git ls-files -co --exclude-standard -z | xargs -0 cp -u --parents -t "$SRC") \
+(git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$SRC") \
   || fail "cannot copy the tree to $SRC"
 echo "CUDA build track: building in $SRC (log: $WORK/build.log)"
 if ! (cd "$SRC" && MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install --no-build-isolation -v -e ".[test]" \
