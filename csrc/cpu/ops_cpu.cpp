@@ -50,7 +50,10 @@ at::Tensor chunked_reduce(const at::Tensor& like, cpu::ReduceFn fn, const cpu::R
   return result;
 }
 
-void apply_residual_cpu(at::Tensor hidden, const at::Tensor& residual,
+// The C++ signature of every kernel is the same on CPU and CUDA (csrc/cuda/ops_cuda.cpp):
+// a CUDA torch aborts `import omnicache._C` when two keys register one op with different
+// C++ function types (tests/test_kernel_signatures.py keeps them equal).
+void apply_residual_cpu(const at::Tensor& hidden, const at::Tensor& residual,
                         const std::optional<at::Tensor>& correction,
                         const std::optional<at::Tensor>& gamma) {
   check_apply_residual(hidden, residual, correction, gamma);
@@ -70,7 +73,7 @@ void apply_residual_cpu(at::Tensor hidden, const at::Tensor& residual,
                    [&](int64_t begin, int64_t end) { fn(args, begin, end); });
 }
 
-at::Tensor store_residual_cpu(at::Tensor cache, const std::optional<at::Tensor>& delta,
+at::Tensor store_residual_cpu(const at::Tensor& cache, const std::optional<at::Tensor>& delta,
                               const at::Tensor& out, const at::Tensor& inp) {
   check_store_residual(cache, delta, out, inp);
   const at::Tensor o = out.contiguous(), i = inp.contiguous();
