@@ -5,6 +5,7 @@
     omnicache calibrate --policy omnicache --compute-fraction F --out plan.json
     omnicache train-router [--steps N --sampler S --lambda L --target-compute F --iters I --seed K] --out plan.json
     omnicache train-default [...]              train the embedded default model and classifier
+    omnicache train-arena flux [...]           train the Flux digits arena (a diffusers model, package data)
 """
 
 from __future__ import annotations
@@ -472,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tune each policy's knob to this compute fraction")
     ev.add_argument("--json", default=None, help="write the results here")
     sub.add_parser("train-default", help="train the embedded DiT and classifier (see --help)", add_help=False)
+    sub.add_parser("train-arena", help="train a diffusers arena model, e.g. train-arena flux (see --help)",
+                   add_help=False)
     sub.add_parser("calibrate", help="calibrate an OmniCache plan on the embedded model (see --help)",
                    add_help=False)
     sub.add_parser("train-router", help="Learning-to-Cache: train a router, write its plan (see --help)",
@@ -482,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] == ["train-arena"]:
+        from .arena import train as train_arena
+
+        return train_arena.main(argv[1:]) or 0
     if argv[:1] == ["train-default"]:
         return cmd_train_default(None, argv[1:])
     if argv[:1] == ["calibrate"]:

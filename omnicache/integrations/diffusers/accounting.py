@@ -60,6 +60,8 @@ def summary(rt) -> RunSummary:
     contexts, spent, uncached, decisions = {}, 0.0, 0.0, []
     calls = computed = 0
     for name, ctx in rt.contexts.items():
+        if not ctx.trace:  # a context no call ran in (the one enable() starts in, with a pipeline)
+            continue
         steps = []
         for st in ctx.stats:
             d = {k: v for k, v in st.items() if k != "residual"}
