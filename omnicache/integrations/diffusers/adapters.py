@@ -41,11 +41,13 @@ class ModelSpec:
     """``blocks``: the ``ModuleList`` attributes, in the order ``forward`` runs them;
     ``interleave``: ``forward`` alternates between the lists (block ``i`` of each in turn)
     instead of running them one after the other; ``stack``: one residual may span several
-    blocks (False where ``forward`` reshapes between blocks, so ``step`` plans run per block)."""
+    blocks (False where ``forward`` reshapes between blocks, so ``step`` plans run per block);
+    ``norm1``: the attribute of the first block whose output TeaCache measures."""
 
     blocks: tuple[str, ...]
     interleave: bool = False
     stack: bool = True
+    norm1: str = "norm1"
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -55,6 +57,18 @@ MODELS: dict[str, ModelSpec] = {
     "SD3Transformer2DModel": ModelSpec(("transformer_blocks",)),
     "WanTransformer3DModel": ModelSpec(("blocks",)),
     "CogVideoXTransformer3DModel": ModelSpec(("transformer_blocks",)),
+    # spatial block i, then temporal block i; forward permutes (batch*frames, tokens) <-> (batch*tokens, frames)
+    # around each temporal block, so a residual may not span two blocks
+    "LatteTransformer3DModel": ModelSpec(("transformer_blocks", "temporal_transformer_blocks"),
+                                         interleave=True, stack=False),
+    # the token refiner inside context_embedder runs before these and is not cached
+    "HunyuanVideoTransformer3DModel": ModelSpec(("transformer_blocks", "single_transformer_blocks")),
+    "LTXVideoTransformer3DModel": ModelSpec(("transformer_blocks",)),
+    "QwenImageTransformer2DModel": ModelSpec(("transformer_blocks",), norm1="img_norm1"),  # image stream
+    "SanaTransformer2DModel": ModelSpec(("transformer_blocks",)),
+    # context_refiner (text tokens) and noise_refiner (image tokens) run first on separate streams of other
+    # lengths, then forward packs both into one joint sequence: only the joint ``layers`` are cached
+    "Lumina2Transformer2DModel": ModelSpec(("layers",)),
 }
 
 BLOCKS: dict[str, BlockIO] = {
@@ -64,6 +78,12 @@ BLOCKS: dict[str, BlockIO] = {
     "FluxSingleTransformerBlock": BlockIO((E, H)),
     "JointTransformerBlock": BlockIO((E, H)),
     "CogVideoXBlock": BlockIO((H, E)),
+    "HunyuanVideoTransformerBlock": BlockIO((H, E)),
+    "HunyuanVideoSingleTransformerBlock": BlockIO((H, E)),
+    "LTXVideoTransformerBlock": BlockIO((H,)),
+    "QwenImageTransformerBlock": BlockIO((E, H)),
+    "SanaTransformerBlock": BlockIO((H,)),
+    "Lumina2TransformerBlock": BlockIO((H,)),
 }
 
 # model class -> its ModuleLists of blocks (kept for callers that count blocks)

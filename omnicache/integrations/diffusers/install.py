@@ -148,9 +148,9 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
         blk.forward = functools.partial(rt.block_forward, k, blk.forward)
     inst.handles = []
     if rt.teacache:
-        norm1 = getattr(rt.blocks[0], "norm1", None)
+        norm1 = getattr(rt.blocks[0], MODELS[cls].norm1, None)
         if norm1 is None:
-            raise TypeError(f"{type(config).__name__} needs block 0's norm1 on {cls}")
+            raise TypeError(f"{type(config).__name__} needs block 0's {MODELS[cls].norm1} on {cls}")
         inst.handles.append(norm1.register_forward_hook(rt.capture_norm1))
     index = {id(m): b for b, blk in enumerate(rt.blocks) for m in blk.modules()}
     for m in transformer.modules():
