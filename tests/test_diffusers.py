@@ -240,7 +240,20 @@ def test_first_block_cache_matches_diffusers(name):
     assert _max_err(ours, theirs) < 1e-4
 
 
-@pytest.mark.parametrize("name", MODELS)
+def _compile_xfail():
+    import torch._dynamo.exc
+
+    return pytest.mark.xfail(
+        raises=torch._dynamo.exc.UserError, strict=True,
+        reason="Lumina2 does not compile with fullgraph=True even without omnicache: its rope embedder reads "
+               "the caption lengths back (attention_mask.sum(dim=1).tolist()) and sizes tensors with them "
+               "(data-dependent expression u0 + 16)")
+
+
+COMPILE_MODELS = [pytest.param(n, marks=_compile_xfail()) if n == "Lumina2" else n for n in MODELS]
+
+
+@pytest.mark.parametrize("name", COMPILE_MODELS)
 def test_compile_fullgraph_no_recompile(name):
     """TaylorSeer order 2 (STORE / REUSE steps, D1 and D2, per-step gamma): every step pattern
     compiles once with fullgraph=True; no recompile over two runs; equal to eager."""
