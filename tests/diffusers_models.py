@@ -83,12 +83,13 @@ def latte():
     return m, (2, 4, 2, 8, 8), inputs
 
 
-def hunyuan_video():
+def hunyuan_video(image_condition_type=None):
     from diffusers import HunyuanVideoTransformer3DModel
     m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
                                        num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0,
                                        patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
-                                       rope_axes_dim=(2, 2, 4), guidance_embeds=True)
+                                       rope_axes_dim=(2, 2, 4), guidance_embeds=True,
+                                       image_condition_type=image_condition_type)
     enc, pooled = torch.randn(2, 5, 16, generator=_g(1)), torch.randn(2, 8, generator=_g(2))
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # the second prompt is padded
     guidance = torch.full((2,), 6000.0)
@@ -146,10 +147,13 @@ MODELS = {"DiT": dit, "PixArt": pixart, "Flux": flux, "SD3": sd3, "Wan": wan, "C
           "Latte": latte, "HunyuanVideo": hunyuan_video, "LTXVideo": ltx_video, "QwenImage": qwen_image,
           "Sana": sana, "Lumina2": lumina2}
 
+# variants outside the parametrised tests (their own tests)
+EXTRA = {"HunyuanVideoI2V": lambda: hunyuan_video("token_replace")}
+
 
 def make(name, seed=0):
     torch.manual_seed(seed)
-    m, shape, inputs = MODELS[name]()
+    m, shape, inputs = {**MODELS, **EXTRA}[name]()
     return m.eval(), shape, inputs
 
 

@@ -82,6 +82,26 @@ def test_policies_run_and_summary(name, config):
     assert _max_err(ref, out) < 1.0
 
 
+def test_hunyuan_video_token_replace_blocks():
+    """HunyuanVideo image-to-video (image_condition_type="token_replace") has its own block classes:
+    the full plan equals the unpatched model bitwise; step plans and FirstBlockCache reuse."""
+    m, shape, inputs = dm.make("HunyuanVideoI2V")
+    assert {type(b).__name__ for b in [*m.transformer_blocks, *m.single_transformer_blocks]} == {
+        "HunyuanVideoTokenReplaceTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock"}
+    ref = dm.sample(m, shape, inputs, STEPS)
+    for config in (CachePlan.full(STEPS, _n_blocks(m), "block"), FirstBlockCacheConfig(threshold=0.0)):
+        od.enable(m, config, steps=STEPS)
+        out = dm.sample(m, shape, inputs, STEPS)
+        od.disable(m)
+        assert all(torch.equal(a, b) for a, b in zip(ref, out)), config
+    for config in (FORAConfig(granularity="step"), FirstBlockCacheConfig(threshold=0.5)):
+        od.enable(m, config, steps=STEPS)
+        out = dm.sample(m, shape, inputs, STEPS)
+        s = od.summary(m)
+        od.disable(m)
+        assert s.compute_fraction < 1 and _max_err(ref, out) < 1.0, config
+
+
 def test_errors():
     m, shape, inputs = dm.make("DiT")
     od.enable(m, FORAConfig(), steps=STEPS)

@@ -80,6 +80,9 @@ BLOCKS: dict[str, BlockIO] = {
     "CogVideoXBlock": BlockIO((H, E)),
     "HunyuanVideoTransformerBlock": BlockIO((H, E)),
     "HunyuanVideoSingleTransformerBlock": BlockIO((H, E)),
+    # HunyuanVideo image-to-video (image_condition_type="token_replace")
+    "HunyuanVideoTokenReplaceTransformerBlock": BlockIO((H, E)),
+    "HunyuanVideoTokenReplaceSingleTransformerBlock": BlockIO((H, E)),
     "LTXVideoTransformerBlock": BlockIO((H,)),
     "QwenImageTransformerBlock": BlockIO((E, H)),
     "SanaTransformerBlock": BlockIO((H,)),
