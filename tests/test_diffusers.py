@@ -82,6 +82,28 @@ def test_policies_run_and_summary(name, config):
     assert _max_err(ref, out) < 1.0
 
 
+@pytest.mark.parametrize("config", [FORAConfig(granularity="step"), TaylorSeerConfig(order=2)],
+                         ids=["fora-step", "taylorseer2"])
+def test_latte_step_plans_run_per_block(config):
+    """Latte reshapes between its interleaved spatial and temporal blocks, so a step plan's residual
+    cannot span the stack: each block is its own unit, and the run equals the same plan at block
+    granularity bitwise."""
+    m, shape, inputs = dm.make("Latte")
+    n = _n_blocks(m)
+    step = config.plan(STEPS, n, granularity="step")
+    block = CachePlan(STEPS, n, "block", step.compute, step.gamma, step.gamma2)
+    outs = []
+    for plan in (step, block):
+        od.enable(m, plan, steps=STEPS)
+        rt = od.runtime_of(m)[1]
+        assert rt.units == [(b, b + 1) for b in range(n)]
+        outs.append(dm.sample(m, shape, inputs, STEPS))
+        s = od.summary(m)
+        od.disable(m)
+        assert s.compute_fraction < 1
+    assert rt.granularity == "block" and all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_hunyuan_video_token_replace_blocks():
     """HunyuanVideo image-to-video (image_condition_type="token_replace") has its own block classes:
     the full plan equals the unpatched model bitwise; step plans and FirstBlockCache reuse."""
