@@ -137,7 +137,7 @@ def lumina2():
                                   num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
                                   axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32), cap_feat_dim=16)
     enc = torch.randn(2, 5, 16, generator=_g(1))
-    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)  # padded: joint sequences differ
     inputs = lambda x, t: dict(hidden_states=x, timestep=t / 1000, encoder_hidden_states=enc,
                                encoder_attention_mask=mask)
     return m, (2, 4, 8, 8), inputs
