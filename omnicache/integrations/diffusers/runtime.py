@@ -132,6 +132,12 @@ class Runtime:
             if self.head >= self.n:
                 raise ValueError(f"{type(config).__name__}: the first {self.head} blocks leave none of the "
                                  f"model's {self.n} blocks to cache")
+            if not spec.stack and spec.interleave and \
+                    self.head % len(spec.blocks) != (self.n - 1) % len(spec.blocks):
+                # one residual from block `head` to the last may not cross a change of layout
+                raise ValueError(f"{type(config).__name__}.first_blocks: on {type(transformer).__name__} the "
+                                 f"remaining blocks must start in the same block list as the last block "
+                                 f"({spec.blocks[(self.n - 1) % len(spec.blocks)]}); got first_blocks={self.head}")
             self.units = [(self.head, self.n)]
         elif self.granularity == "step" and spec.stack:
             self.units = [(0, self.n)]
