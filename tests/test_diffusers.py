@@ -368,3 +368,14 @@ def test_cuda_graph_capture_replay():
     od.disable(m)
     assert len(graphs) == 2
     assert _max_err(eager, outs) < 1e-3
+
+
+def test_latte_dynamic_span_may_not_cross_a_layout_change():
+    """Latte's blocks alternate spatial / temporal layouts: the remaining-blocks residual of a
+    dynamic policy must start in the list the last block belongs to (temporal)."""
+    m, _, _ = dm.make("Latte")
+    with pytest.raises(ValueError, match="first_blocks"):
+        od.enable(m, FirstBlockCacheConfig(first_blocks=2), steps=STEPS)
+    assert not hasattr(m, od._ATTR)
+    od.enable(m, FirstBlockCacheConfig(first_blocks=3), steps=STEPS)
+    od.disable(m)
