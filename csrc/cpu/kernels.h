@@ -46,7 +46,12 @@ struct ReduceArgs {
   void* w1;
   void* w2;
   DType dtype;
+  bool stream = false;  // write the write-only outputs around the caches (large calls)
 };
+
+// Tensors at least this large (bytes) are far outside the last-level cache: their
+// write-only outputs are stored non-temporally.
+constexpr int64_t kStreamBytes = int64_t{32} << 20;
 
 using ApplyFn = void (*)(const ApplyArgs&, int64_t begin, int64_t end);
 using ReduceFn = void (*)(const ReduceArgs&, int64_t begin, int64_t end, float* partials);

@@ -178,6 +178,61 @@ OMNICACHE_INLINE void store(F16* p, int64_t i, vf v, Vec) {
 }
 #endif
 
+// store_stream: like store, but a vector whose address is aligned to its size goes
+// around the caches (non-temporal) on AVX2/AVX-512, for outputs that are only written
+// (no read-for-ownership of lines that are overwritten whole). Same bits as store.
+#if defined(OMNICACHE_F16C_512) || defined(OMNICACHE_F16C_256)
+#define OMNICACHE_STREAM_STORES 1
+OMNICACHE_INLINE void stream_vec(float* p, vf v) {
+#if defined(OMNICACHE_F16C_512)
+  _mm512_stream_ps(p, (__m512)v);
+#else
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  _mm256_stream_ps(p, lo);
+  _mm256_stream_ps(p + 8, hi);
+#endif
+}
+OMNICACHE_INLINE void stream_vec(BF16* p, vf v) {
+  const vh h = __builtin_convertvector(float_to_bf16_bits<vu>(v), vh);
+  __m256i raw;
+  std::memcpy(&raw, &h, 32);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), raw);
+}
+OMNICACHE_INLINE void stream_vec(F16* p, vf v) {
+  F16 tmp[kLanes];
+  store(tmp, 0, v, Vec{});  // the F16C conversion, then one aligned streaming store
+  __m256i raw;
+  std::memcpy(&raw, tmp, 32);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), raw);
+}
+#endif
+
+template <class T>
+OMNICACHE_INLINE void store_stream(T* p, int64_t i, float v, One) {
+  store(p, i, v, One{});
+}
+template <class T>
+OMNICACHE_INLINE void store_stream(T* p, int64_t i, vf v, Vec) {
+#ifdef OMNICACHE_STREAM_STORES
+  if ((reinterpret_cast<uintptr_t>(p + i) & (sizeof(T) * kLanes - 1)) == 0) {
+    stream_vec(p + i, v);
+    return;
+  }
+#endif
+  store(p, i, v, Vec{});
+}
+
+// Orders the streaming stores before whatever the caller does next.
+OMNICACHE_INLINE void stream_fence(bool streamed) {
+#ifdef OMNICACHE_STREAM_STORES
+  if (streamed) _mm_sfence();
+#else
+  (void)streamed;
+#endif
+}
+
 OMNICACHE_INLINE float abs_f(float x) { return std::fabs(x); }
 OMNICACHE_INLINE vf abs_f(vf x) { return (vf)((vu)x & 0x7FFFFFFFu); }
 
@@ -281,7 +336,9 @@ void apply_residual_t(const ApplyArgs& a, int64_t begin, int64_t end) {
 }
 
 // ------------------------------------------------------------ store_residual_
-// INP, DELTA, DELTA2 are template flags so no test sits inside the vector loop.
+// INP, DELTA, DELTA2 are template flags so no test sits inside the vector loop. With
+// a.stream, the outputs that are only written (delta2; delta without delta2) bypass
+// the caches.
 template <class T, bool INP, bool DELTA, bool DELTA2>
 void store_residual_impl(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) {
   const T* out = static_cast<const T*>(a.x0);
@@ -289,19 +346,26 @@ void store_residual_impl(const ReduceArgs& a, int64_t begin, int64_t end, float*
   T* cache = static_cast<T*>(a.w0);
   T* delta = static_cast<T*>(a.w1);
   T* delta2 = static_cast<T*>(a.w2);
+  const bool stream = a.stream;
   reduce_lanes<4>(begin, end, partials, [&](int64_t i, auto tag, auto* t) {
     auto nw = load(out, i, tag);
     if constexpr (INP) nw = nw - load(inp, i, tag);
     const auto old = load(cache, i, tag);
     const auto d = nw - old;
-    if constexpr (DELTA2) store(delta2, i, d - load(delta, i, tag), tag);
-    if constexpr (DELTA) store(delta, i, d, tag);
+    if constexpr (DELTA2) {
+      const auto d2 = d - load(delta, i, tag);
+      stream ? store_stream(delta2, i, d2, tag) : store(delta2, i, d2, tag);
+      store(delta, i, d, tag);
+    } else if constexpr (DELTA) {
+      stream ? store_stream(delta, i, d, tag) : store(delta, i, d, tag);
+    }
     store(cache, i, nw, tag);
     t[0] = abs_f(d);
     t[1] = abs_f(old);
     t[2] = d * d;
     t[3] = old * old;
   });
+  stream_fence(stream);
 }
 
 template <class T>

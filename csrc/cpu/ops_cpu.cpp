@@ -96,7 +96,8 @@ at::Tensor store_residual_cpu(const at::Tensor& cache, const std::optional<at::T
                              cache.data_ptr(),
                              delta ? delta->data_ptr() : nullptr,
                              delta2 ? delta2->data_ptr() : nullptr,
-                             to_dtype(cache.scalar_type())};
+                             to_dtype(cache.scalar_type()),
+                             static_cast<int64_t>(cache.nbytes()) >= cpu::kStreamBytes};
   return chunked_reduce<4>(cache, cpu::kernels().store_residual, args);
 }
 

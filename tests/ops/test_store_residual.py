@@ -95,3 +95,21 @@ def test_empty_returns_zeros(cpu_backend, shape):
     stats = ops.store_residual_(torch.empty(shape), torch.empty(shape), torch.empty(shape),
                                 None, torch.empty(shape))
     assert stats.shape == (shape[0], 4) and not stats.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_call_streams_the_same_bits(cpu_backend, dtype):
+    """Tensors of >= 32 MiB take the streaming-store path for delta and delta2: the
+    elementwise outputs equal the float32 reference bit for bit, as on small calls."""
+    # + 17: the second sample starts misaligned (regular stores there), the first aligned.
+    n = (32 << 20) // torch.empty((), dtype=dtype).element_size() // 2 + 17
+    g = torch.Generator().manual_seed(0)
+    out, inp, cache, delta = (torch.randn(2, n, generator=g).to(dtype) for _ in range(4))
+    c, d1, d2 = cache.clone(), delta.clone(), torch.empty_like(cache)
+    want_c, want_d1, want_d2 = cache.clone(), delta.clone(), torch.empty_like(cache)
+    reference.store_residual_(want_c, want_d1, out, inp, want_d2)
+    ops.store_residual_(c, d1, out, inp, d2)
+    assert torch.equal(c, want_c) and torch.equal(d1, want_d1) and torch.equal(d2, want_d2)
+    c, d1 = cache.clone(), torch.empty_like(cache)
+    ops.store_residual_(c, d1, out, None)
+    assert torch.equal(d1, (out.float() - cache.float()).to(dtype))
