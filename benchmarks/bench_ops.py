@@ -126,8 +126,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="CPU threads, one pass each (default: torch's current setting)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager baseline (slow on CPU)")
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument("--table", type=pathlib.Path, default=None, help="print the table of a result JSON and exit")
     args = p.parse_args(argv)
+    if args.table is not None:
+        print_table(json.loads(args.table.read_text())["ops"])
+        return 0
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,7 +144,8 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in (args.dtype or (["bfloat16", "float32"] if on_gpu else ["float32", "bfloat16"]))]
     reps = args.reps or (50 if on_gpu else 15)
     threads_list = args.threads or [torch.get_num_threads()]
-    variants = [v for v in opsbench.variants(device) if not (args.no_compile and v == "compile")]
+    variants = [v for v in opsbench.variants(device)
+                if not (args.no_compile and v == "compile") and not (args.no_eager and v == "eager")]
     # One compiled graph per (op, shape, dtype): far more than dynamo's default limit.
     torch._dynamo.config.cache_size_limit = 256
     torch._dynamo.config.accumulated_cache_size_limit = 4096
@@ -209,10 +215,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def paired_ratio(base: dict, fused: dict) -> float:
+    """Median over the rounds of base time / fused time in the same round: robust to the
+    load of a shared machine changing between rounds."""
+    return statistics.median(b / f for b, f in zip(base["times_ms"], fused["times_ms"]))
+
+
 def print_table(rows: list[dict]) -> None:
-    """Per fused backend: median time and its ratio to each baseline (>1: fused faster)."""
+    """Per fused backend: median time and its ratio to each baseline (>1: fused faster),
+    as a ratio of medians and as the median of per-round (paired) ratios."""
     print(f"{'op':27s} {'dtype':9s} {'numel':>10s} {'thr':>3s} {'backend':8s} {'us':>10s} "
-          f"{'vs eager':>9s} {'vs compile':>11s} {'of copy':>8s}")
+          f"{'vs eager':>9s} {'vs compile':>11s} {'(paired)':>9s} {'of copy':>8s}")
     table = {(r["op"], r["dtype"], r["numel"], r["threads"], r["backend"]): r for r in rows}
     ratios_eager = []
     for r in rows:
@@ -222,9 +235,11 @@ def print_table(rows: list[dict]) -> None:
         eager, comp = table.get((*key, "eager")), table.get((*key, "compile"))
         ve = eager["median_ms"] / r["median_ms"] if eager else float("nan")
         vc = comp["median_ms"] / r["median_ms"] if comp else float("nan")
-        ratios_eager.append(ve)
+        vp = paired_ratio(comp, r) if comp else float("nan")
+        if eager:
+            ratios_eager.append(ve)
         print(f"{r['op']:27s} {r['dtype']:9s} {r['numel']:>10d} {r['threads']:>3d} {r['backend']:8s} "
-              f"{r['median_ms'] * 1e3:10.1f} {ve:8.2f}x {vc:10.2f}x {r['fraction_of_copy']:8.1%}")
+              f"{r['median_ms'] * 1e3:10.1f} {ve:8.2f}x {vc:10.2f}x {vp:8.2f}x {r['fraction_of_copy']:8.1%}")
     if ratios_eager:
         print(f"geometric mean speedup vs eager: {statistics.geometric_mean(ratios_eager):.2f}x")
 

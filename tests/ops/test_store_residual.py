@@ -101,6 +101,8 @@ def test_empty_returns_zeros(cpu_backend, shape):
 def test_large_call_streams_the_same_bits(cpu_backend, dtype):
     """Tensors of >= 32 MiB take the streaming-store path for delta and delta2: the
     elementwise outputs equal the float32 reference bit for bit, as on small calls."""
+    if cpu_backend != "cpu":
+        pytest.skip("the streaming stores are in the C++ kernels (and the interpreter truncates bf16)")
     # + 17: the second sample starts misaligned (regular stores there), the first aligned.
     n = (32 << 20) // torch.empty((), dtype=dtype).element_size() // 2 + 17
     g = torch.Generator().manual_seed(0)
