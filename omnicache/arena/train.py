@@ -26,11 +26,9 @@ import copy
 import datetime
 import json
 import math
-import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,39 +36,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors_bytes
 
+from ..io import atomic_write_bytes
 from . import flux as arena_flux
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "arena"
-
-
-def atomic_write(path: Path, data: bytes):
-    """Writes ``data`` to ``path`` through a temporary file in the same folder (fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make package data unreadable to others
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def _json_bytes(obj) -> bytes:
@@ -168,16 +137,16 @@ def train_flux(args, generator):
 def write_flux(out: Path, ema, record):
     transformer, table = ema["transformer"], ema["table"]
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in transformer.state_dict().items()}
-    atomic_write(out / arena_flux.WEIGHTS_FILE, save_safetensors_bytes(state, metadata={"format": "pt"}))
+    atomic_write_bytes(out / arena_flux.WEIGHTS_FILE, save_safetensors_bytes(state, metadata={"format": "pt"}))
     labels = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in table.state_dict().items()}
-    atomic_write(out / arena_flux.LABELS_FILE, save_safetensors_bytes(labels, metadata={"format": "omnicache-labels"}))
+    atomic_write_bytes(out / arena_flux.LABELS_FILE, save_safetensors_bytes(labels, metadata={"format": "omnicache-labels"}))
     config = dict(transformer.config)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     config = {"_class_name": "FluxTransformer2DModel", **config}
-    atomic_write(out / arena_flux.CONFIG_FILE, _json_bytes(config))
+    atomic_write_bytes(out / arena_flux.CONFIG_FILE, _json_bytes(config))
     sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **arena_flux.FLUX_SCHEDULER_CONFIG}
-    atomic_write(out / arena_flux.SCHEDULER_FILE, _json_bytes(sched))
-    atomic_write(out / arena_flux.ARENA_JSON, _json_bytes(record))
+    atomic_write_bytes(out / arena_flux.SCHEDULER_FILE, _json_bytes(sched))
+    atomic_write_bytes(out / arena_flux.ARENA_JSON, _json_bytes(record))
 
 
 @torch.no_grad()
@@ -282,7 +251,7 @@ def main(argv=None) -> int:
         print(f"class accuracy without guidance, {steps} steps: {acc1:.4f}", flush=True)
     sizes = {p.name: p.stat().st_size for p in sorted(Path(out).iterdir()) if not p.name.startswith(".")}
     record["files_bytes"] = sizes
-    atomic_write(out / arena_flux.ARENA_JSON, _json_bytes(record))
+    atomic_write_bytes(out / arena_flux.ARENA_JSON, _json_bytes(record))
     print(f"wrote {out}: {sum(sizes.values()) / 1e6:.2f} MB", flush=True)
     return 0
 
