@@ -534,7 +534,9 @@ def compare(args):
                 if (name, "measured") in last:
                     j = last[(name, "measured")][knob] if knob in last[(name, "measured")] else None
                     if j is not None:
-                        rows.append(dict(rows[j], target=target, shared_with=rows[j]["target"]))
+                        shared = dict(rows[j], target=target, shared_with=rows[j]["target"])
+                        shared["in_band"] = abs(shared["compute_fraction"] - target) <= TOLERANCE
+                        rows.append(shared)
                 continue
             r = measured[i]
             wall = statistics.median(walls[i])
@@ -691,6 +693,10 @@ def merge(paths, stem):
     out["runs"] = [dict(command=r["command"], date=r["date"], seconds=r["seconds"], settings=r["settings"])
                    for r in reports]
     out["seconds"] = sum(r["seconds"] for r in reports)
+    for block in out["per_steps"].values():  # recomputed: a shared row's band is its own target's
+        for r in block["rows"]:
+            r["in_band"] = r["target"] is None or abs(r["compute_fraction"] - r["target"]) <= TOLERANCE
+        block["targets_check"] = targets_check(block)
     write(out, stem)
     return out
 
