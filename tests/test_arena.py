@@ -4,6 +4,7 @@ the unmodified diffusers.FluxPipeline (CPU, small)."""
 import shutil
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,7 @@ def test_inputs_and_images_shapes_and_ranges(pipe):
     assert torch.equal(digits_images(pipe, out.images), imgs) and torch.equal(digits_images(pipe, (out.images,)), imgs)
     # no guidance: no negative inputs, so one transformer call per step
     kw1 = digits_inputs(pipe, torch.tensor([5, 6]), true_cfg_scale=1.0)
+    assert torch.equal(kw1["prompt_embeds"], digits_inputs(pipe, np.array([5, 6]))["prompt_embeds"])
     assert "negative_prompt_embeds" not in kw1 and "true_cfg_scale" not in kw1
 
 

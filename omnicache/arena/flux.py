@@ -42,6 +42,7 @@ import dataclasses
 import importlib.resources
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -249,8 +250,9 @@ def _labels(labels, num_classes):
             values = list(labels)
         except TypeError:
             raise ValueError(f"labels must be a list of ints, got {labels!r}") from None
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
             raise ValueError(f"labels must be ints, got {values!r}")
+        values = [int(v) for v in values]
     if not values:
         raise ValueError("labels must not be empty")
     bad = [v for v in values if not 0 <= v < num_classes]
