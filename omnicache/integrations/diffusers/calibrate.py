@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from ...plan import model_fingerprint
+from ...policies.omnicache.fit import residual_after_fit, solve_normal
 from .install import disable, enable, runtime_of, split
 
 __all__ = ["calibrate", "fit_teacache", "DiffusersEngine", "ResidualCorrector"]
@@ -94,24 +95,12 @@ class ResidualCorrector:
             cols.append(e1)
             if self.order >= 2 and q is not None:
                 cols.append(e1 - (r[p] - r[q]).double().flatten())
-        sq = float(v.dot(v))
-        if cols:
-            E = torch.stack(cols, 1)
-            gram, b = E.T @ E, E.T @ v
-            scale = float(gram.diagonal().max())
-            if scale > 0:
-                g = torch.linalg.solve(gram + 1e-12 * scale * torch.eye(len(cols), dtype=gram.dtype), b)
-                sq = max(sq - float(g.dot(b)), 0.0)
-        self.memo[key] = sq ** 0.5 * self.s[t]
+        self.memo[key] = residual_after_fit(v, cols) ** 0.5 * self.s[t]
         return self.memo[key]
 
 
-def _solve(gram, rhs):
-    """Least squares from normal equations (float64, ridge-regularised by 1e-12 of the scale)."""
-    scale = float(gram.diagonal().max())
-    if scale <= 0:
-        return [0.0] * len(rhs)
-    return torch.linalg.solve(gram + 1e-12 * scale * torch.eye(len(rhs), dtype=gram.dtype), rhs).tolist()
+def _solve(gram, rhs) -> list:
+    return solve_normal(gram, rhs).tolist()
 
 
 class _ResidualFit:

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from ...plan import CachePlan, model_fingerprint
 from ...runtime.executor import CacheExecutor
 from . import schedule
+from .fit import residual_after_fit
 
 __all__ = ["Trajectory", "record", "Corrector", "fit_closed_loop", "fit_plan_closed_loop", "replay_error",
            "RuntimeEngine", "build_plan", "plan_for_schedule"]
@@ -204,15 +205,7 @@ class Corrector:
     def error(self, t, j, p, q) -> float:
         key = (t, j, p, q)
         if key not in self._errors:
-            v, cols = self._vectors(t, j, p, q)
-            sq = float(v.dot(v))
-            if cols:
-                E = torch.stack(cols, 1)
-                gram, b = E.T @ E, E.T @ v
-                scale = float(gram.diagonal().max())
-                if scale > 0:
-                    g = torch.linalg.solve(gram + 1e-12 * scale * torch.eye(len(cols), dtype=gram.dtype), b)
-                    sq = max(sq - float(g.dot(b)), 0.0)  # ‖v - E g‖² at the least-squares g
+            sq = residual_after_fit(*self._vectors(t, j, p, q))
             self._errors[key] = (sq / self.traj.labels.shape[0]) ** 0.5
         return self._errors[key]
 

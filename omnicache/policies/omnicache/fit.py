@@ -16,9 +16,29 @@ from torch import Tensor
 
 from ... import ops
 
-__all__ = ["fit_gamma", "fit_gammas", "fit_gamma2", "fit_gammas2", "reuse_error"]
+__all__ = ["fit_gamma", "fit_gammas", "fit_gamma2", "fit_gammas2", "reuse_error", "solve_normal", "residual_after_fit"]
 
 EPS = 1e-12
+
+
+def solve_normal(gram: Tensor, rhs: Tensor) -> Tensor:
+    """Least squares from the normal equations ``gram g = rhs`` (float64), ridge-regularised by
+    1e-12 of the largest diagonal entry; zeros where ``gram`` is all zero."""
+    scale = float(gram.diagonal().max()) if gram.numel() else 0.0
+    if scale <= 0:
+        return torch.zeros_like(rhs)
+    return torch.linalg.solve(gram + 1e-12 * scale * torch.eye(len(rhs), dtype=gram.dtype, device=gram.device), rhs)
+
+
+def residual_after_fit(v: Tensor, cols: list) -> float:
+    """``‖v - E g‖²`` at the least-squares ``g`` (``E`` the columns ``cols``; float64 vectors)."""
+    sq = float(v.dot(v))
+    if cols:
+        E = torch.stack(cols, 1)
+        b = E.T @ v
+        g = solve_normal(E.T @ E, b)
+        sq = max(sq - float(g.dot(b)), 0.0)
+    return sq
 
 
 def fit_gamma(r_true: Tensor, r_j: Tensor, r_prev: Tensor, *, per_sample: bool = False,
