@@ -78,6 +78,7 @@ import torch
 
 from omnicache import metrics
 from omnicache.evaluate import class_acc
+from omnicache.io import atomic_path, atomic_write_text
 
 TARGETS = (0.6, 0.5, 0.4)
 TOLERANCE = 0.03
@@ -654,14 +655,15 @@ def plot(report, path):
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 def write(report, stem):
     import diffusers
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1, default=str))
     v = report["versions"]
     md = ["# Caching systems on the Flux digits arena\n",
           "Commands: " + "; ".join(f"`{c}`" for c in report.get("commands", [report["command"]])),
@@ -670,8 +672,6 @@ def write(report, stem):
     for block in report["per_steps"].values():
         md += [f"\n## {block['steps']} steps ({block.get('samples', '?')} samples)\n", format_table(block, markdown=True),
                "", "targets: " + json.dumps(block["targets_check"]), ""]
-        if block.get("compile"):
-            pass
         c = block.get("cached_step_cost")
         if c:
             md += [f"cached-step cost, ours / diffusers FirstBlockCache at the same decisions (same FLOPs: "
@@ -679,7 +679,7 @@ def write(report, stem):
         if block.get("compile"):
             md += ["compile errors:"] + [f"- {k}: {v}" for k, v in block["compile"].items() if v != "ok"] + [""]
     md += [f"- skipped: {s['system']}: {s['reason']}" for s in report["skipped"]]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
     plot(report, stem.with_suffix(".png"))
     print(f"wrote {stem}.{{json,md,png}}")
 

@@ -194,7 +194,7 @@ def test_fields_out_of_range_rejected(data_dir, edit, match):
 
 def test_classifier_size_checked_before_allocating(data_dir):
     edit_json(data_dir, lambda i: i["classifier"].update(width=10**6))  # 4.6e12 conv weights
-    with pytest.raises(ValueError, match=r"tensor 'features.*' has shape .*, expected \(.*000000.*'classifier.width'"):
+    with pytest.raises(ValueError, match=r"tensor '(features|head).*' has shape .*, expected \(.*000000.*'classifier.width'"):
         load_classifier(data_dir=data_dir)
 
 

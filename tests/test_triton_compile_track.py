@@ -54,7 +54,7 @@ def test_branches_and_sizes_come_from_the_kernels_and_launchers(kernels):
 
     apply = kernels["_apply_residual_kernel"]
     assert apply.branches["HAS_CORRECTION"] == [False, True]
-    assert apply.branches["GAMMA_MODE"] == [0, 1, 2]  # == 0, == 1, else
+    assert apply.branches["GAMMA_MODE"] == [0, 1, 2, 3]  # == 0, == 1, == 2, else
     assert apply.pointers["gamma_ptr"] == "fp32" and apply.pointers["hidden_ptr"] == "op"
     assert apply.sizes == [{"BLOCK": utils.ELEMENTWISE_BLOCK, "num_warps": utils.ELEMENTWISE_WARPS}]
     sums = kernels["_sum_partials_kernel"]

@@ -135,6 +135,7 @@ def train_flux(args, generator):
 
 
 def write_flux(out: Path, ema, record):
+    out.mkdir(parents=True, exist_ok=True)
     transformer, table = ema["transformer"], ema["table"]
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in transformer.state_dict().items()}
     atomic_write_bytes(out / arena_flux.WEIGHTS_FILE, save_safetensors_bytes(state, metadata={"format": "pt"}))
