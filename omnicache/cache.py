@@ -264,7 +264,14 @@ class DeviceDecisions:
         return self.ref.nbytes + sum(t.nbytes for t in self.state.values())
 
     def reset(self) -> None:
+        """Zero everything, the history included."""
         for t in self.tensors():
+            t.zero_()
+
+    def restart(self) -> None:
+        """A new run: step, reference, stored flags and the decider's state back to zero; the
+        history stays (a summary of the run that ended may still read it)."""
+        for t in (self.step, self.ref, self.stored, *self.state.values()):
             t.zero_()
 
     def decide(self, signal: torch.Tensor):

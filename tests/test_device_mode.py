@@ -1,6 +1,7 @@
 """Dynamic policies with ``mode="device"`` on our runtime: the host mode's decisions and
 outputs, no host sync over the sampling loop, one ``fullgraph`` compile for the whole run."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -141,3 +142,44 @@ def test_device_decisions_teacache_rule():
     h = dd.history()
     assert [d["compute"] for d in h] == [[True, True], [False, False], [True, True], [False, True], [True, True]]
     assert h[0]["signal_rel_l1"] is None
+
+
+@pytest.mark.cuda
+def test_cuda_graph_captures_a_dynamic_step(tiny_dit):
+    """A whole dynamic sampling step (embed, first blocks, device decision, torch.cond over the
+    remaining blocks, final layer, guidance) captured once in a CUDA graph (torch.cond as CUDA
+    conditional nodes) and replayed at every step: the eager device mode's decisions and output."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch._higher_order_ops.cudagraph_conditional_nodes import (
+        ControlFlowOpWarmupDispatchMode, CUDAGraphCaptureControlFlowOpDispatchMode)
+
+    model = copy.deepcopy(tiny_dit).cuda()
+    labels = LABELS.cuda()
+    config = device(FirstBlockCacheConfig(threshold=0.1))
+    ex = CacheExecutor(model, labels, config, steps=STEPS, guidance=3.0)
+    with torch.no_grad():
+        x_eager, s_eager = ex.run(0)
+        x = ex.init_noise(0)
+        static_x, static_t = ex.sampler.model_input(0, x)
+        static_x, static_t = static_x.clone(), static_t.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), ControlFlowOpWarmupDispatchMode():  # both branches warmed up
+            ex.device_forward(static_x, static_t)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), CUDAGraphCaptureControlFlowOpDispatchMode():
+            static_out = ex.device_forward(static_x, static_t)
+        ex.reset_cache()  # the warm-up took a step: start the run from empty state
+        with no_host_sync():
+            for i in range(STEPS):
+                x_model, t = ex.sampler.model_input(i, x)
+                static_x.copy_(x_model)
+                static_t.copy_(t)
+                graph.replay()
+                x = ex.sampler.step(i, x, static_out.clone())
+        ex._device_wall = 0.0
+        s = ex.summary()
+    assert [d["compute"] for d in s.stats] == [d["compute"] for d in s_eager.stats]
+    torch.testing.assert_close(x, x_eager, rtol=1e-4, atol=1e-4)

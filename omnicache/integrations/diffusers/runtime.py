@@ -56,6 +56,7 @@ from ...cache import REUSE, STORE, CacheUnit, RunSummary, plan_order, relative_c
 from ...plan import CachePlan
 from ..distributed import context_parallel_group
 from .adapters import MODELS, model_blocks
+from .device import DeviceMode
 
 __all__ = ["Runtime"]
 
@@ -80,14 +81,16 @@ class _Context:
     decisions: list | None = None  # per-sample mode: this call's decision per sample
     batch: int = 0  # per-sample mode: the batch the decider was started with
     row_stored: list | None = None  # per-sample mode: per sample, a residual is stored
+    device: object = None  # mode="device": the decision's device state (omnicache.cache.DeviceDecisions)
 
     def __post_init__(self):
         self.units = [{} for _ in range(self.n_units)]
         self.stored = [False] * self.n_units
 
 
-class Runtime:
-    """Everything :func:`.install.enable` installs on one transformer (see the module docstring)."""
+class Runtime(DeviceMode):
+    """Everything :func:`.install.enable` installs on one transformer (see the module docstring;
+    dynamic policies' ``mode="device"``: :mod:`.device`)."""
 
     def __init__(self, transformer, pipe, config, steps, granularity, group, check_plan=True, per_sample=False):
         self.transformer, self.pipe, self.config, self.group = transformer, pipe, config, group
@@ -122,6 +125,8 @@ class Runtime:
             if undeclared:
                 raise TypeError(f"per_sample: block class(es) {', '.join(undeclared)} declare no batched "
                                 f"arguments (adapters.BlockIO.batched)")
+        self.device_mode = self.kind == "dynamic" and getattr(config, "mode", "host") == "device"
+        self.device_first, self.device_mask, self.device_any = False, None, None
         self.policy_name = (config.meta.get("policy", "CachePlan") if isinstance(config, CachePlan)
                             else type(config).__name__.removesuffix("Config"))
         self.steps = None
@@ -212,7 +217,9 @@ class Runtime:
         ctx.rows, ctx.decisions, ctx.batch, ctx.row_stored = None, None, 0, None
         if self.kind == "dynamic":
             ctx.decider = self.config.decider(self.steps or 2**31 - 1, self.n)
-            ctx.decider.start(1)  # one decision per call: the whole batch (per-sample: at the first call)
+            ctx.decider.start(1)
+            if self.device_mode:
+                self._device_restart(ctx)  # one decision per call: the whole batch (per-sample: at the first call)
         for unit in ctx.units:  # every run starts from empty (zero) caches, as the executor's
             for cu in unit.values():
                 cu.reset()
@@ -227,6 +234,8 @@ class Runtime:
     def prepare(self, ctx):
         """Set what the next call of ``ctx`` reads; returns the static pattern key (or None)."""
         self.current = ctx
+        if self.device_mode:  # the first call (allocating) and the steady state: one variant each
+            return ("device", ctx.device is not None)
         if self.kind != "static":
             return None
         if self.steps is None:
@@ -284,6 +293,9 @@ class Runtime:
             ctx.stats.append({"residual": stats, "gamma": self.plan.gamma[ctx.step]})
             for u, a in enumerate(acts):
                 ctx.stored[u] |= a == STORE
+        elif self.device_mode:  # placeholders until the summary reads the device history
+            computed, parts = [True] * self.n, [[True] * 3] * self.n
+            ctx.stats.append({"residual": stats})
         else:
             if ctx.decisions is not None:  # per-sample: the fraction of samples that ran the rest
                 frac = sum(ctx.decisions) / len(ctx.decisions)
@@ -349,6 +361,8 @@ class Runtime:
         self.inp[u] = None
 
     def block_forward(self, k, orig, *args, **kwargs):
+        if self.device_mode:
+            return self._device_block(k, orig, args, kwargs)
         if self.kind == "dynamic":
             return self._dynamic_block(k, orig, args, kwargs)
         if self.step_actions is None:
@@ -564,14 +578,18 @@ class Runtime:
     def summary(self) -> RunSummary:
         contexts, spent, uncached, decisions = {}, 0.0, 0.0, []
         calls = computed = 0
+        sub_batch = 0.0 if self.device_mode else None
         for name, ctx in self.contexts.items():
+            device_flops = self._device_resolve(ctx) if self.device_mode else None
             steps = []
             for st in ctx.stats:
                 d = {k: v for k, v in st.items() if k != "residual"}
                 rel = [s[:, 0].sum() / s[:, 1].sum() for s in st["residual"] if s is not None]
                 d["residual_rel_l1"] = torch.stack(rel).mean().item() if rel else None
                 steps.append(d)
-            s, u = self._flops(ctx)
+            s, u = self._flops(ctx) if device_flops is None else (device_flops[0], device_flops[2])
+            if device_flops is not None:
+                sub_batch += device_flops[1]
             n_comp, n_all = sum(map(sum, ctx.trace)), len(ctx.trace) * self.n
             calls, computed = calls + n_all, computed + n_comp
             spent, uncached = spent + s, uncached + u
@@ -589,8 +607,9 @@ class Runtime:
             spent, uncached = float(computed), float(calls)
         cache_bytes = sum(cu.nbytes for ctx in self.contexts.values() for unit in ctx.units for cu in unit.values())
         cache_bytes += sum(ctx.ref.nbytes for ctx in self.contexts.values() if ctx.ref is not None)
+        cache_bytes += sum(ctx.device.nbytes for ctx in self.contexts.values() if ctx.device is not None)
         dec = torch.stack(decisions).mean(0) if decisions and len({d.shape for d in decisions}) == 1 else \
             torch.zeros(0, self.n, 2)
         return RunSummary(self.policy_name, self.granularity, dec.clone(),
                           spent, uncached, 0.0, cache_bytes, 0, 1, steps=self.steps, blocks=self.n,
-                          kind=self.kind, contexts=contexts)
+                          kind=self.kind, contexts=contexts, flops_sub_batch=sub_batch)
