@@ -104,3 +104,65 @@ def test_device_mode_needs_steps():
     with pytest.raises(RuntimeError, match="mode='device' needs the number of steps"):
         dm.sample(m, shape, inputs, 1)
     od.disable(m)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_captures_a_dynamic_call():
+    """Flux, ``mode="device"``, per sample: after the first (allocating) call, one steady-state
+    call is captured in a CUDA graph (each remaining block's torch.cond as CUDA conditional
+    nodes) and replayed for every later step: the eager device mode's decisions and outputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch._higher_order_ops.cudagraph_conditional_nodes import (
+        ControlFlowOpWarmupDispatchMode, CUDAGraphCaptureControlFlowOpDispatchMode)
+
+    config = FirstBlockCacheConfig(threshold=_threshold("Flux", "fbc", True), mode="device")
+    m, shape, inputs = dm.make("Flux")
+    m = m.cuda()
+    cuda_inputs = lambda x, t: {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs(x, t).items()}
+    t_of = lambda i: torch.full((shape[0],), 999.0 * (1 - i / STEPS), device="cuda")
+    od.enable(m, config, steps=STEPS, per_sample=True)
+    with torch.no_grad():
+        x, eager = torch.randn(shape, generator=dm._g(0)).cuda(), []
+        for i in range(STEPS):
+            out = m(**cuda_inputs(x, t_of(i)), return_dict=False)[0]
+            eager.append(out)
+            x = x - out[:, : shape[1]] / STEPS
+        s_eager = od.summary(m)
+        # a new run: its first call eagerly, then one graph for the steady state
+        od.reset(m)
+        x = torch.randn(shape, generator=dm._g(0)).cuda()
+        out = m(**cuda_inputs(x, t_of(0)), return_dict=False)[0]
+        outs = [out]
+        x = x - out[:, : shape[1]] / STEPS
+        rt = od.runtime_of(m)[1]
+        ctx = rt.current
+        state = [t.clone() for t in ctx.device.tensors()] + [cu.F.clone() for cu in ctx.units[0].values()]
+        static_x, static_t = x.clone(), t_of(1)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), ControlFlowOpWarmupDispatchMode():  # both branches warmed up
+            m(**cuda_inputs(static_x, static_t), return_dict=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), CUDAGraphCaptureControlFlowOpDispatchMode():
+            static_out = m(**cuda_inputs(static_x, static_t), return_dict=False)[0]
+        # warm-up and capture each ran the eager bookkeeping of a call: back to after call 0
+        for t, v in zip([*ctx.device.tensors(), *(cu.F for cu in ctx.units[0].values())], state):
+            t.copy_(v)
+        del ctx.trace[1:], ctx.stats[1:], ctx.flops[1:]
+        ctx.step = 1
+        with no_host_sync():
+            for i in range(1, STEPS):
+                static_x.copy_(x)
+                static_t.copy_(t_of(i))
+                graph.replay()
+                rt.installer.before_call(m, ())  # the call's bookkeeping, as the forward hooks do
+                rt.installer.after_call(m, (), None)
+                out = static_out.clone()
+                outs.append(out)
+                x = x - out[:, : shape[1]] / STEPS
+    s = od.summary(m)
+    od.disable(m)
+    assert _decisions(s) == _decisions(s_eager)
+    assert max((a - b).abs().max().item() for a, b in zip(eager, outs)) < 1e-4
