@@ -44,14 +44,15 @@ def threshold_for(model, config_of):
     return rel[len(rel) // 2] + 1e-7
 
 
-def device(config):
-    return dataclasses.replace(config, mode="device")
+def device(config, mode="device"):
+    return dataclasses.replace(config, mode=mode)
 
 
 def test_mode_is_validated():
     for cls in (TeaCacheConfig, FirstBlockCacheConfig):
         assert cls().mode == "host"
-        with pytest.raises(ValueError, match=rf"{cls.__name__}\.mode must be one of 'host', 'device', got 'gpu'"):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\.mode must be one of 'host', 'device', "
+                                             rf"'device-where', got 'gpu'"):
             cls(mode="gpu")
 
 
@@ -113,6 +114,41 @@ def test_compiled_run_fullgraph_no_recompile(model, name):
             torch.testing.assert_close(x, x_eager, rtol=1e-5, atol=1e-5)
             assert [d["compute"] for d in s.stats] == [d["compute"] for d in s_eager.stats]
     assert counts == [1]  # one graph, with its torch.cond
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["teacache", "fbcache1"])
+def test_device_where_equals_host_mode(model, name):
+    """``mode="device-where"``: the same decisions and outputs; the rest computed every step."""
+    config = POLICIES[name](threshold_for(model, POLICIES[name]))
+    x_host, s_host = CacheExecutor(model, LABELS, config, steps=STEPS, guidance=3.0).run(0)
+    ex = CacheExecutor(model, LABELS, device(config, "device-where"), steps=STEPS, guidance=3.0)
+    with no_host_sync():
+        x, _ = ex.run(0, summary=False)
+    s = ex.summary()
+    assert [d["compute"] for d in s.stats] == [d["compute"] for d in s_host.stats]
+    torch.testing.assert_close(x, x_host, rtol=1e-5, atol=1e-5)
+    assert s.compute_fraction >= 1.0 - 1e-12  # every block, every step (+ TeaCache's signal)
+    assert s.flops_sub_batch == pytest.approx(s_host.flops)
+
+
+def test_inductor_reads_the_cond_predicate_device_where_does_not(model):
+    """Inductor's code for ``torch.cond`` reads the predicate on the host (``pred.item()``): the
+    guard catches it. ``mode="device-where"`` compiled by inductor reads nothing."""
+    from omnicache.runtime.syncguard import HostSyncError
+
+    torch._dynamo.reset()
+    config = POLICIES["fbcache1"](threshold_for(model, POLICIES["fbcache1"]))
+    for mode in ("device", "device-where"):
+        ex = CacheExecutor(model, LABELS, device(config, mode), steps=4, guidance=3.0)
+        ex.device_forward = torch.compile(ex.device_forward, fullgraph=True)
+        ex.run(0)  # compiles outside the guard
+        if mode == "device":
+            with pytest.raises(HostSyncError, match=r"Tensor\.item"), no_host_sync():
+                ex.run(0, summary=False)
+        else:
+            with no_host_sync():
+                ex.run(0, summary=False)
     torch._dynamo.reset()
 
 

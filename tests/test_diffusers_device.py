@@ -66,6 +66,19 @@ def test_device_mode_equals_host_mode(name, policy, per_sample):
         assert s_dev.flops == pytest.approx(s_host.flops, rel=1e-9)
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "per-sample"])
+@pytest.mark.parametrize("name", ["Flux", "Wan"])
+def test_device_where_equals_host_mode(name, per_sample):
+    """``mode="device-where"``: every block runs, ``torch.where`` selects: same decisions and outputs."""
+    config = FirstBlockCacheConfig(threshold=_threshold(name, "fbc", per_sample))
+    ref, s_host = _run(name, config, per_sample)
+    out, s = _run(name, dataclasses.replace(config, mode="device-where"), per_sample, guard=True)
+    assert _decisions(s) == _decisions(s_host)
+    assert max((a - b).abs().max().item() for a, b in zip(ref, out)) < 1e-5
+    assert s.compute_fraction == pytest.approx(1.0)
+    assert s.flops_sub_batch == pytest.approx(s_host.flops, rel=1e-9)
+
+
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("name", ["Flux", "Wan"])
 def test_compile_fullgraph_no_recompile(name, policy):

@@ -9,7 +9,7 @@ from ..plan import GRANULARITIES
 
 __all__ = ["check_int", "check_number", "check_granularity", "check_mode", "refresh_steps", "describe", "MODES"]
 
-MODES = ("host", "device")  # dynamic policies: where the decision is taken
+MODES = ("host", "device", "device-where")  # dynamic policies: where the decision is taken
 
 
 def check_int(config, name: str, lo: int = 0) -> None:
@@ -37,7 +37,9 @@ def check_granularity(config, granularity, allowed=GRANULARITIES) -> str:
 
 
 def check_mode(config) -> None:
-    """``config.mode`` must be ``"host"`` (one sync per step) or ``"device"`` (no sync)."""
+    """``config.mode``: ``"host"`` (one sync per step), ``"device"`` (the decision on the device,
+    compute-or-reuse through ``torch.cond``) or ``"device-where"`` (the same decision; the rest
+    always computed and selected with ``torch.where``: no predicate read anywhere, full FLOPs)."""
     if config.mode not in MODES:
         raise ValueError(f"{type(config).__name__}.mode must be one of {', '.join(map(repr, MODES))}, "
                          f"got {config.mode!r}")

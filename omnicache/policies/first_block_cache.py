@@ -11,7 +11,7 @@ Reuse adds the cached residual of the remaining blocks ``Fn..depth-1`` (one resi
 and makes ``r_i`` the new reference. Comparing with the last *computed* step (not the
 previous step) keeps slow drift from going unseen. The first ``warmup`` steps compute.
 
-``mode="device"``: the same rule on device tensors (:meth:`FirstBlockCacheDecider.decide_device`,
+``mode="device"`` (or ``"device-where"``, see :func:`.common.check_mode`): the same rule on device tensors (:meth:`FirstBlockCacheDecider.decide_device`,
 through :class:`omnicache.cache.DeviceDecisions`): no host sync per step.
 """
 

@@ -11,7 +11,7 @@ rescales it to the expected relative change of the block stack's output residual
 at step granularity: reuse is ``h += R`` with ``R`` the residual of the whole block stack
 at the sample's last computed step. The first and last steps always compute.
 
-``mode="device"``: the accumulators are float64 device tensors and the same rule runs
+``mode="device"`` (or ``"device-where"``, see :func:`.common.check_mode`): the accumulators are float64 device tensors and the same rule runs
 there (:meth:`TeaCacheDecider.decide_device`, through :class:`omnicache.cache.DeviceDecisions`):
 no host sync per step. The default ``coefficients`` are the identity; :func:`fit_teacache_coefficients` fits them on
 a model from one uncached run.

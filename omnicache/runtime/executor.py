@@ -36,6 +36,8 @@ on the whole batch and each sample's rows are mixed with ``torch.where`` (the sa
 reuse get ``h + F``, their ``F`` is kept), else every row reuses. The signature is fixed
 (``x_model``, ``t`` tensors; the step counter is a device tensor), so
 ``torch.compile(ex.device_forward, fullgraph=True)`` compiles once for the whole run.
+``mode="device-where"`` skips ``torch.cond`` (whose predicate ``torch.cond`` itself reads on
+the host outside a CUDA-graph capture): the rest runs every step and ``torch.where`` selects.
 Decisions are read back only by the summary; ``RunSummary.flops`` is what the mode spent
 (the whole batch whenever one sample computes) and ``flops_sub_batch`` what the host
 mode's sub-batches would spend at the same decisions.
@@ -182,7 +184,7 @@ class CacheExecutor:
         self.granularity = "step"
         self._cache = {"rest": CacheUnit(0).allocate(self._zeros())}
         self._ref = None  # the decider's reference signal (rows, T, D)
-        if getattr(self.decider, "mode", "host") == "device":  # every device buffer, once
+        if getattr(self.decider, "mode", "host") in ("device", "device-where"):  # every device buffer, once
             self._device = DeviceDecisions(self.decider, self.steps, self._zeros(), self.batch,
                                            rows_per_sample=self.rows_per_sample)
 
@@ -356,7 +358,10 @@ class CacheExecutor:
         def reuse(h, c, F, compute):
             return h + F, F.clone()
 
-        h, F_new = torch.cond(any_compute, run_rest, reuse, (h, c, F, compute))
+        if self.decider.mode == "device-where":  # no predicate to read: always compute, then select
+            h, F_new = run_rest(h, c, F, compute)
+        else:
+            h, F_new = torch.cond(any_compute, run_rest, reuse, (h, c, F, compute))
         F.copy_(F_new)
         out = self.model.final(h, c).float()
         return cfg_combine(out, self.guidance) if self.cfg else out
@@ -370,7 +375,8 @@ class CacheExecutor:
         per_step = f["embed"] + f["final"] + dec.first_blocks * block + dec.signal_flops(f, self.model.config)
         n_comp = [sum(d["compute"]) for d in hist]
         rest = (depth - dec.first_blocks) * block
-        flops = float(steps * rows * per_step + sum(rows for n in n_comp if n) * rest)
+        where = dec.mode == "device-where"  # the rest runs every step
+        flops = float(steps * rows * per_step + sum(rows for n in n_comp if n or where) * rest)
         sub = float(steps * rows * per_step + sum(n * R for n in n_comp) * rest)
         decisions = torch.ones(steps, depth, 2)
         decisions[:, dec.first_blocks:] = torch.tensor(n_comp, dtype=torch.float32)[:, None, None] / self.batch

@@ -14,6 +14,11 @@ block, so there is one ``torch.cond`` per remaining block):
 - reuse: the first remaining block returns ``inp + F`` per cached stream, the others their
   inputs unchanged (as the host mode's reuse).
 
+``mode="device-where"``: no ``torch.cond`` (outside a CUDA-graph capture ``torch.cond`` reads
+its predicate on the host: the dense kernel's ``if pred``, inductor's ``pred.item()``); every
+block runs and ``torch.where`` selects, per sample or for the whole batch: no read at all, at
+the full compute's FLOPs.
+
 After the last block, ``F = where(compute, out - inp, F)`` per stream. The first call of a
 context (nothing stored: every sample computes) runs the blocks directly and allocates the
 buffers: it is its own forward variant (:mod:`.install`), so a compiled transformer compiles
@@ -85,6 +90,11 @@ class DeviceMode:
         def reuse(mask):
             return {n: _plain(x) for n, x in reused().items()}
 
+        if self.device_where:  # mode="device-where": no predicate; computed, then selected per sample
+            out = bb.outputs(orig(*args, **kwargs))
+            back = reused()
+            return {n: select_rows(mask, out[n], back[n]) if out.get(n) is not None and n in back else back.get(n)
+                    for n in inputs}
         result = torch.cond(self.device_any, compute, reuse, (mask,))
         return {n: result.get(n) for n in inputs}
 
@@ -148,6 +158,6 @@ class DeviceMode:
                 head = sum(cost[: self.head])
                 rest = sum(cost[self.head:])
                 uncached += outside + head + rest
-                spent += outside + head + (rest if any(comp) else 0)
+                spent += outside + head + (rest if any(comp) or self.device_where else 0)
                 sub += outside + head + frac * rest
         return (spent, sub, uncached) if known and hist else None

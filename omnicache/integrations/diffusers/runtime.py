@@ -125,7 +125,8 @@ class Runtime(DeviceMode):
             if undeclared:
                 raise TypeError(f"per_sample: block class(es) {', '.join(undeclared)} declare no batched "
                                 f"arguments (adapters.BlockIO.batched)")
-        self.device_mode = self.kind == "dynamic" and getattr(config, "mode", "host") == "device"
+        self.device_mode = self.kind == "dynamic" and getattr(config, "mode", "host") in ("device", "device-where")
+        self.device_where = self.device_mode and config.mode == "device-where"
         self.device_first, self.device_mask, self.device_any = False, None, None
         self.policy_name = (config.meta.get("policy", "CachePlan") if isinstance(config, CachePlan)
                             else type(config).__name__.removesuffix("Config"))
