@@ -27,6 +27,7 @@ import opsbench  # noqa: E402
 
 import omnicache.ops as ops  # noqa: E402
 from omnicache import backend_table  # noqa: E402
+from omnicache.io import atomic_write_text  # noqa: E402
 
 DEFAULT_NUMELS = [1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28]
 
@@ -81,10 +82,10 @@ def main(argv=None) -> int:
         dtype=args.dtype, batch=args.batch, measured={"unit": "us (median)", **measured})
     text = json.dumps(table, indent=1) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    atomic_write_text(args.out, text)
     copy = bench_ops.RESULTS_DIR / f"auto-backend-{bench_ops.slug(name)}-{date}.json"
     copy.parent.mkdir(parents=True, exist_ok=True)
-    copy.write_text(text)
+    atomic_write_text(copy, text)
     backend_table.clear_cache()
     backend_table.load(args.out)  # re-read and validate what was written
     print(f"\nchoices for {name}:")

@@ -50,6 +50,7 @@ import torch
 from omnicache import metrics
 from omnicache.api import generate
 from omnicache.evaluate import Bench, format_table, public_row, tune_to_fraction
+from omnicache.io import atomic_path, atomic_write_text
 from omnicache.policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig, OmniCacheConfig,
                                 TaylorSeerConfig, TeaCacheConfig)
 from omnicache.runtime.default import load_classifier, load_default
@@ -297,7 +298,8 @@ def pareto_plot(rows_by_sampler: dict, path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
 
 
@@ -477,7 +479,7 @@ def main(argv=None) -> int:
                 total_wall_s=round(total_s, 1))
     result = dict(meta, summary=summary, l2c_summary=l2c_summary, results={s: [public_row(r) for r in rows]
                                                   for s, rows in rows_by_sampler.items()})
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     pareto_plot(rows_by_sampler, out / f"{stem}.png")
 
     md = ["# OmniCache vs baselines at equal compute\n",
@@ -509,7 +511,7 @@ def main(argv=None) -> int:
             if native:
                 md.append(f"{sampler}:\n\n{markdown_table(native)}\n")
         md.append(l2c_paragraph + "\n")
-    (out / f"{stem}.md").write_text("\n".join(md))
+    atomic_write_text(out / f"{stem}.md", "\n".join(md))
 
     for sampler, rows in rows_by_sampler.items():
         print(f"\n== {sampler}, {args.steps} steps, {args.samples} samples")

@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from omnicache.io import atomic_write_json
 from omnicache.plan import CachePlan
 from omnicache.policies import (
     FirstBlockCacheConfig,
@@ -463,7 +464,7 @@ def main(argv=None) -> int:
                flops_per_row_step=model.flops_per_sample()["total"],
                target="measured/ideal >= 0.97 for static plans, 0 host syncs, CUDA graphs on (GPU)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    atomic_write_json(out_path, doc, indent=1)
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)

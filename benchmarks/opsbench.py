@@ -15,22 +15,40 @@ import omnicache.ops as ops
 from omnicache import reference
 
 OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1")
-# Minimum bytes each op must move, in units of N·s (N elements of s bytes).
-TRAFFIC = {"apply_residual_": 4, "store_residual_": 5, "trajectory_stats": 3, "rel_l1": 2}
+# Further calls of the same ops with the newer arguments (second order, gate, no inp).
+EXTRA_CASES = ("apply_residual_order2_gate", "store_residual_order2")
+CASES = OPS + EXTRA_CASES
+# Minimum bytes each case must move, in units of N·s (N elements of s bytes):
+# order2_gate reads hidden, residual, D1, D2 and writes hidden (the [B, D] gate is
+# negligible); order2 reads out, inp, cache, delta and writes cache, delta, delta2.
+TRAFFIC = {"apply_residual_": 4, "store_residual_": 5, "trajectory_stats": 3, "rel_l1": 2,
+           "apply_residual_order2_gate": 5, "store_residual_order2": 7}
+GATE_DIM = 1024  # D of the gated case: hidden is [B, numel / (B * D), D]
+
+
+def op_of(case: str) -> str:
+    """The omnicache op a benchmark case calls."""
+    return next(op for op in OPS if case.startswith(op))
 
 
 def make_inputs(op: str, batch: int, numel: int, dtype, device, seed: int = 0) -> tuple:
-    """Random inputs for one call of ``op``; ``numel`` elements per tensor."""
+    """Random inputs for one call of case ``op``; ``numel`` elements per tensor."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     shape = (batch, numel // batch)
 
-    def rand():
-        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    def rand(s=shape):
+        return torch.randn(s, generator=g).to(device=device, dtype=dtype)
 
     if op == "apply_residual_":
         return rand(), rand(), rand(), torch.rand(batch, generator=g).to(device)
+    if op == "apply_residual_order2_gate":
+        gshape = (batch, numel // (batch * GATE_DIM), GATE_DIM)
+        return (rand(gshape), rand(gshape), rand(gshape), torch.rand(batch, 2, generator=g).to(device),
+                rand(gshape), rand((batch, GATE_DIM)))
     if op == "store_residual_":
         return rand(), torch.empty(shape, device=device, dtype=dtype), rand(), rand()
+    if op == "store_residual_order2":
+        return rand(), rand(), rand(), rand(), torch.empty(shape, device=device, dtype=dtype)
     if op == "trajectory_stats":
         return rand(), rand(), rand()
     return rand(), rand()
@@ -39,6 +57,23 @@ def make_inputs(op: str, batch: int, numel: int, dtype, device, seed: int = 0) -
 # ---------------------------------------------------------------- eager compositions
 def eager_apply_residual_(hidden, residual, correction, gamma):
     hidden += residual + gamma.view(-1, 1).to(hidden.dtype) * correction
+
+
+def eager_apply_residual_order2_gate(hidden, residual, c1, gamma, c2, gate):
+    g = gamma.to(hidden.dtype)
+    hidden += gate.unsqueeze(1) * (residual + g[:, 0, None, None] * c1 + g[:, 1, None, None] * c2)
+
+
+def eager_store_residual_order2(cache, delta, out, inp, delta2):
+    new = out - inp
+    d1 = new - cache
+    torch.sub(d1, delta, out=delta2)
+    f32 = torch.float32
+    stats = torch.stack([d1.abs().sum(1, dtype=f32), cache.abs().sum(1, dtype=f32),
+                         d1.square().sum(1, dtype=f32), cache.square().sum(1, dtype=f32)], 1)
+    delta.copy_(d1)
+    cache.copy_(new)
+    return stats
 
 
 def eager_store_residual_(cache, delta, out, inp):
@@ -65,7 +100,9 @@ def eager_rel_l1(a, b):
 
 EAGER = {
     "apply_residual_": eager_apply_residual_,
+    "apply_residual_order2_gate": eager_apply_residual_order2_gate,
     "store_residual_": eager_store_residual_,
+    "store_residual_order2": eager_store_residual_order2,
     "trajectory_stats": eager_trajectory_stats,
     "rel_l1": eager_rel_l1,
 }
@@ -74,12 +111,12 @@ EAGER = {
 @functools.cache
 def compiled(op: str):
     """torch.compile of the reference (inductor's best fusion of the same math)."""
-    return torch.compile(getattr(reference, op), fullgraph=True, dynamic=False)
+    return torch.compile(getattr(reference, op_of(op)), fullgraph=True, dynamic=False)
 
 
 def fused(op: str, backend: str):
-    """The op through omnicache.ops on one backend."""
-    fn = getattr(ops, op)
+    """The op (or case) through omnicache.ops on one backend."""
+    fn = getattr(ops, op_of(op))
 
     def call(*args):
         previous = ops.get_backend()
@@ -110,4 +147,5 @@ def callable_for(op: str, variant: str):
 
 
 def bytes_moved(op: str, numel: int, dtype) -> int:
+    """Fewest bytes case ``op`` must move for ``numel`` elements per tensor."""
     return TRAFFIC[op] * numel * torch.empty((), dtype=dtype).element_size()

@@ -2,9 +2,9 @@
 
 #include <c10/util/Exception.h>
 
-#include <initializer_list>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace omnicache {
 namespace {
@@ -23,16 +23,17 @@ std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
   return {begin, begin + static_cast<uintptr_t>(extent * t.element_size())};
 }
 
+// Compares addresses, not storages: two storages can share memory (torch.from_numpy
+// or torch.frombuffer views of one buffer).
 bool overlaps(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  if (!a.storage().is_alias_of(b.storage())) return false;
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
   auto [a0, a1] = byte_range(a);
   auto [b0, b1] = byte_range(b);
   return a0 < b1 && b0 < a1;
 }
 
 // Same shape, dtype and device as `ref`, and a floating dtype omnicache supports.
-void check_like(const char* op, const Named& ref, std::initializer_list<Named> others) {
+void check_like(const char* op, const Named& ref, const std::vector<Named>& others) {
   const at::Tensor& r = *ref.second;
   TORCH_CHECK_VALUE(is_float_dtype(r.scalar_type()), "omnicache.", op, ": ", ref.first,
                     " must be float32, float16 or bfloat16, got ", r.scalar_type());
@@ -50,13 +51,53 @@ void check_like(const char* op, const Named& ref, std::initializer_list<Named> o
 }
 
 // An in-place target must be contiguous and share no memory with any other argument.
-void check_target(const char* op, const Named& target, std::initializer_list<Named> others) {
+void check_target(const char* op, const Named& target, const std::vector<Named>& others) {
   TORCH_CHECK_VALUE(target.second->is_contiguous(), "omnicache.", op, ": ", target.first,
                     " is written in place and must be contiguous");
   for (const auto& [name, t] : others) {
+    if (t == target.second) continue;
     TORCH_CHECK_VALUE(!overlaps(*target.second, *t), "omnicache.", op, ": ", target.first,
                       " is written in place and overlaps ", name);
   }
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+void check_gamma(const char* op, const at::Tensor& g, const at::Tensor& hidden,
+                 bool second_order) {
+  TORCH_CHECK_VALUE(g.scalar_type() == at::kFloat, "omnicache.", op,
+                    ": gamma must be float32, got ", g.scalar_type());
+  TORCH_CHECK_VALUE(g.device() == hidden.device(), "omnicache.", op, ": gamma is on ",
+                    g.device(), " but hidden is on ", hidden.device());
+  const int64_t b = hidden.size(0);
+  if (second_order) {
+    TORCH_CHECK_VALUE((g.dim() == 1 && g.size(0) == 2) ||
+                          (g.dim() == 2 && g.size(0) == b && g.size(1) == 2),
+                      "omnicache.", op, ": gamma must have shape [2] or [B, 2] = [", b,
+                      ", 2] (γ1, γ2) when correction2 is given, got ", shape_str(g.sizes()));
+  } else {
+    TORCH_CHECK_VALUE(g.dim() == 0 || (g.dim() == 1 && g.size(0) == b), "omnicache.", op,
+                      ": gamma must have shape [] or [B] = [", b, "], got ",
+                      shape_str(g.sizes()));
+  }
+}
+
+void check_gate(const char* op, const at::Tensor& gate, const at::Tensor& hidden) {
+  TORCH_CHECK_VALUE(hidden.dim() >= 2, "omnicache.", op,
+                    ": gate needs hidden of shape [B, ..., D], got ", shape_str(hidden.sizes()));
+  TORCH_CHECK_VALUE(gate.device() == hidden.device(), "omnicache.", op, ": gate is on ",
+                    gate.device(), " but hidden is on ", hidden.device());
+  TORCH_CHECK_VALUE(gate.scalar_type() == hidden.scalar_type(), "omnicache.", op,
+                    ": gate has dtype ", gate.scalar_type(), " but hidden has dtype ",
+                    hidden.scalar_type());
+  const int64_t b = hidden.size(0), d = hidden.size(-1);
+  TORCH_CHECK_VALUE(gate.dim() == 2 && gate.size(0) == b && gate.size(1) == d, "omnicache.",
+                    op, ": gate must have shape [B, D] = [", b, ", ", d, "], got ",
+                    shape_str(gate.sizes()));
 }
 
 }  // namespace
@@ -67,46 +108,42 @@ int64_t per_sample(const at::Tensor& t) {
 
 void check_apply_residual(const at::Tensor& hidden, const at::Tensor& residual,
                           const std::optional<at::Tensor>& correction,
-                          const std::optional<at::Tensor>& gamma) {
+                          const std::optional<at::Tensor>& gamma,
+                          const std::optional<at::Tensor>& correction2,
+                          const std::optional<at::Tensor>& gate) {
   const char* op = "apply_residual_";
-  if (correction) {
-    check_like(op, {"hidden", &hidden}, {{"residual", &residual}, {"correction", &*correction}});
-  } else {
-    check_like(op, {"hidden", &hidden}, {{"residual", &residual}});
-  }
+  std::vector<Named> reads{{"residual", &residual}};
+  if (correction) reads.push_back({"correction", &*correction});
+  if (correction2) reads.push_back({"correction2", &*correction2});
+  check_like(op, {"hidden", &hidden}, reads);
   if (gamma) {
-    TORCH_CHECK_VALUE(correction.has_value(), "omnicache.", op,
+    TORCH_CHECK_VALUE(correction.has_value() || correction2.has_value(), "omnicache.", op,
                       ": gamma is given but correction is None");
-    const at::Tensor& g = *gamma;
-    TORCH_CHECK_VALUE(g.scalar_type() == at::kFloat, "omnicache.", op,
-                      ": gamma must be float32, got ", g.scalar_type());
-    TORCH_CHECK_VALUE(g.device() == hidden.device(), "omnicache.", op, ": gamma is on ",
-                      g.device(), " but hidden is on ", hidden.device());
-    TORCH_CHECK_VALUE(g.dim() == 0 || (g.dim() == 1 && g.size(0) == hidden.size(0)),
-                      "omnicache.", op, ": gamma must have shape [] or [B] = [", hidden.size(0),
-                      "], got ", g.sizes());
+    check_gamma(op, *gamma, hidden, correction2.has_value());
+    reads.push_back({"gamma", &*gamma});
   }
-  if (correction && gamma) {
-    check_target(op, {"hidden", &hidden},
-                 {{"residual", &residual}, {"correction", &*correction}, {"gamma", &*gamma}});
-  } else if (correction) {
-    check_target(op, {"hidden", &hidden}, {{"residual", &residual}, {"correction", &*correction}});
-  } else {
-    check_target(op, {"hidden", &hidden}, {{"residual", &residual}});
+  if (gate) {
+    check_gate(op, *gate, hidden);
+    reads.push_back({"gate", &*gate});
   }
+  check_target(op, {"hidden", &hidden}, reads);
 }
 
 void check_store_residual(const at::Tensor& cache, const std::optional<at::Tensor>& delta,
-                          const at::Tensor& out, const at::Tensor& inp) {
+                          const at::Tensor& out, const std::optional<at::Tensor>& inp,
+                          const std::optional<at::Tensor>& delta2) {
   const char* op = "store_residual_";
-  if (delta) {
-    check_like(op, {"cache", &cache}, {{"delta", &*delta}, {"out", &out}, {"inp", &inp}});
-    check_target(op, {"cache", &cache}, {{"delta", &*delta}, {"out", &out}, {"inp", &inp}});
-    check_target(op, {"delta", &*delta}, {{"cache", &cache}, {"out", &out}, {"inp", &inp}});
-  } else {
-    check_like(op, {"cache", &cache}, {{"out", &out}, {"inp", &inp}});
-    check_target(op, {"cache", &cache}, {{"out", &out}, {"inp", &inp}});
-  }
+  TORCH_CHECK_VALUE(!delta2 || delta, "omnicache.", op,
+                    ": delta2 is given but delta is None (delta2 = new delta - old delta)");
+  std::vector<Named> targets{{"cache", &cache}};
+  if (delta) targets.push_back({"delta", &*delta});
+  if (delta2) targets.push_back({"delta2", &*delta2});
+  std::vector<Named> all(targets.begin() + 1, targets.end());
+  all.push_back({"out", &out});
+  if (inp) all.push_back({"inp", &*inp});
+  check_like(op, {"cache", &cache}, all);
+  all.insert(all.begin(), targets[0]);
+  for (const Named& target : targets) check_target(op, target, all);
 }
 
 void check_trajectory_stats(const at::Tensor& x_next, const at::Tensor& x,

@@ -13,10 +13,13 @@ namespace omnicache {
 
 void check_apply_residual(const at::Tensor& hidden, const at::Tensor& residual,
                           const std::optional<at::Tensor>& correction,
-                          const std::optional<at::Tensor>& gamma);
+                          const std::optional<at::Tensor>& gamma,
+                          const std::optional<at::Tensor>& correction2,
+                          const std::optional<at::Tensor>& gate);
 
 void check_store_residual(const at::Tensor& cache, const std::optional<at::Tensor>& delta,
-                          const at::Tensor& out, const at::Tensor& inp);
+                          const at::Tensor& out, const std::optional<at::Tensor>& inp,
+                          const std::optional<at::Tensor>& delta2);
 
 void check_trajectory_stats(const at::Tensor& x_next, const at::Tensor& x,
                             const at::Tensor& x_prev);

@@ -17,8 +17,11 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(omnicache, m) {
-  m.def("apply_residual_(Tensor(a!) hidden, Tensor residual, Tensor? correction=None, Tensor? gamma=None) -> ()");
-  m.def("store_residual_(Tensor(a!) cache, Tensor(b!)? delta, Tensor out, Tensor inp) -> Tensor");
+  // New arguments are appended with defaults, so older calls keep working.
+  m.def("apply_residual_(Tensor(a!) hidden, Tensor residual, Tensor? correction=None, "
+        "Tensor? gamma=None, Tensor? correction2=None, Tensor? gate=None) -> ()");
+  m.def("store_residual_(Tensor(a!) cache, Tensor(b!)? delta, Tensor out, Tensor? inp, "
+        "Tensor(c!)? delta2=None) -> Tensor");
   m.def("trajectory_stats(Tensor x_next, Tensor x, Tensor x_prev) -> Tensor");
   m.def("rel_l1(Tensor a, Tensor b) -> Tensor");
 }

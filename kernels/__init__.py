@@ -3,8 +3,9 @@
 One module per op, each holding its ``@triton.jit`` kernel(s) and a launcher named
 after the op (``omnicache.ops`` validates arguments, then calls the launcher):
 
-- :mod:`.apply_residual`: ``apply_residual_(hidden, residual, correction=None, gamma=None)``
-- :mod:`.store_residual`: ``store_residual_(cache, delta, out, inp) -> [B, 4]``
+- :mod:`.apply_residual`: ``apply_residual_(hidden, residual, correction=None, gamma=None,
+  correction2=None, gate=None)``
+- :mod:`.store_residual`: ``store_residual_(cache, delta, out, inp, delta2=None) -> [B, 4]``
 - :mod:`.trajectory_stats`: ``trajectory_stats(x_next, x, x_prev) -> [B, 3]``
 - :mod:`.rel_l1`: ``rel_l1(a, b) -> [B, 2]``
 

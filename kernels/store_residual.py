@@ -1,5 +1,5 @@
-"""Triton kernel for ``store_residual_``: ``cache = out - inp`` (and ``delta`` =
-its change), with per-sample statistics of the change.
+"""Triton kernel for ``store_residual_``: ``cache = out - inp`` (or ``out``), ``delta`` =
+its change and ``delta2`` = the change of that, with per-sample statistics of the change.
 
 Semantics: :func:`omnicache.reference.store_residual_`. The writes and stage 1 of the
 deterministic two-stage reduction are one fused pass; stage 2 is
@@ -22,20 +22,24 @@ def _store_residual_kernel(
     cache_ptr,  # [B, N] contiguous, float32/float16/bfloat16; read, then overwritten
     delta_ptr,  # [B, N] contiguous, same dtype; written if HAS_DELTA (else a dummy)
     out_ptr,  # [B, N] contiguous, same dtype
-    inp_ptr,  # [B, N] contiguous, same dtype
+    inp_ptr,  # [B, N] contiguous, same dtype (a dummy unless HAS_INP)
+    delta2_ptr,  # [B, N] contiguous, same dtype; written if HAS_DELTA2 (else a dummy)
     part_ptr,  # float32 [B, n_chunks, 4]
     N,
     n_chunks,
+    HAS_INP: tl.constexpr,  # new = out - inp (else new = out: a branch output, not a difference)
     HAS_DELTA: tl.constexpr,  # write delta = new - old
+    HAS_DELTA2: tl.constexpr,  # write delta2 = (new - old) - old delta (needs HAS_DELTA)
     CHUNK: tl.constexpr,  # elements of one sample handled by one program (fixed)
     BLOCK: tl.constexpr,  # elements per step; CHUNK % BLOCK == 0
 ):
     """For sample ``s`` and chunk ``c`` (program ``s * n_chunks + c``), with ``i`` over
     ``[c*CHUNK, min((c+1)*CHUNK, N))`` and all arithmetic in float32::
 
-        new = out[s, i] - inp[s, i]          # kept unrounded for the statistics
+        new = out[s, i] - inp[s, i]          # out[s, i] unless HAS_INP; unrounded
         old = cache[s, i]
         d = new - old
+        delta2[s, i] = d - delta[s, i]       # if HAS_DELTA2 (old delta), rounded
         delta[s, i] = d                      # if HAS_DELTA, rounded to the dtype
         cache[s, i] = new                    # rounded to the dtype
         part[s, c, :] = Σ_i |d|, Σ_i |old|, Σ_i d², Σ_i old²
@@ -56,10 +60,14 @@ def _store_residual_kernel(
     for i0 in range(start, end, BLOCK):
         i = row + i0 + tl.arange(0, BLOCK)
         mask = i < row + end
-        new = (tl.load(out_ptr + i, mask=mask, other=0.0).to(tl.float32)
-               - tl.load(inp_ptr + i, mask=mask, other=0.0).to(tl.float32))
+        new = tl.load(out_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        if HAS_INP:
+            new = new - tl.load(inp_ptr + i, mask=mask, other=0.0).to(tl.float32)
         old = tl.load(cache_ptr + i, mask=mask, other=0.0).to(tl.float32)
         d = new - old
+        if HAS_DELTA2:
+            d_old = tl.load(delta_ptr + i, mask=mask, other=0.0).to(tl.float32)
+            tl.store(delta2_ptr + i, (d - d_old).to(delta2_ptr.dtype.element_ty), mask=mask)
         if HAS_DELTA:
             tl.store(delta_ptr + i, d.to(delta_ptr.dtype.element_ty), mask=mask)
         tl.store(cache_ptr + i, new.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -75,12 +83,14 @@ def _store_residual_kernel(
 
 
 def store_residual_(
-    cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor, *,
-    block: int = REDUCE_BLOCK, chunk: int = REDUCE_CHUNK,
+    cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor | None,
+    delta2: Tensor | None = None, *, block: int = REDUCE_BLOCK, chunk: int = REDUCE_CHUNK,
 ) -> Tensor:
     """Store the block residual and measure its change, in one pass.
 
-    ``new = out - inp``; ``delta = new - cache`` (if ``delta`` is given); ``cache = new``.
+    ``new = out - inp`` (``out`` when ``inp`` is None); ``d1 = new - cache``;
+    ``delta2 = d1 - delta`` (if ``delta2`` is given); ``delta = d1`` (if ``delta`` is
+    given); ``cache = new``.
     Returns ``[B, 4]`` float32 per sample: ``Σ|new-old|, Σ|old|, Σ(new-old)², Σold²``
     with ``old`` the previous ``cache`` and ``new`` unrounded.
 
@@ -88,10 +98,11 @@ def store_residual_(
     ----------
     cache : Tensor
         ``[B, ...]`` float32/float16/bfloat16, contiguous; overwritten.
-    delta : Tensor or None
-        Like ``cache``, contiguous; overwritten when given.
+    delta, delta2 : Tensor or None
+        Like ``cache``, contiguous; overwritten when given (``delta2`` needs ``delta``).
     out, inp : Tensor
-        Like ``cache``; may be strided (copied to contiguous). Validated by the caller.
+        Like ``cache``; may be strided (copied to contiguous); ``inp`` may be None.
+        Validated by the caller.
     block, chunk : int
         Tuning only (tests lower them); defaults are fixed so results are bitwise
         reproducible.
@@ -105,7 +116,9 @@ def store_residual_(
     n_chunks = partials.shape[1]
     with device_guard(cache):
         _store_residual_kernel[(batch * n_chunks,)](
-            cache, cache if delta is None else delta, out, inp, partials, n, n_chunks,
-            HAS_DELTA=delta is not None, CHUNK=chunk, BLOCK=block, num_warps=REDUCE_WARPS,
+            cache, cache if delta is None else delta, out, out if inp is None else inp,
+            cache if delta2 is None else delta2, partials, n, n_chunks,
+            HAS_INP=inp is not None, HAS_DELTA=delta is not None, HAS_DELTA2=delta2 is not None,
+            CHUNK=chunk, BLOCK=block, num_warps=REDUCE_WARPS,
         )
     return sum_partials(partials)

@@ -110,24 +110,15 @@ class CacheUnit:
 
     def store(self, out: torch.Tensor, inp: torch.Tensor | None = None, progress: float = 0.0) -> torch.Tensor:
         """``F = out - inp`` (``out`` alone for a branch output), ``D1 = F_new - F_old``,
-        ``D2 = D1_new - D1_old``; returns ``store_residual_``'s ``[rows, 4]`` statistics.
-        With filtering, the filtered drifts are refreshed (``progress`` = step / (steps - 1))."""
+        ``D2 = D1_new - D1_old``, in one ``store_residual_`` pass; returns its ``[rows, 4]``
+        statistics. With filtering, the filtered drifts are refreshed (``progress`` = step /
+        (steps - 1))."""
         if self.F is None:
             self.allocate(out)
-        F, D1, D2 = self.F, self.D1, self.D2
-        if D2 is not None:
-            # D2 holds D1_old across the store: nothing reads D1's old value after the op
-            # writes D1 (inductor in torch 2.13 mis-orders `neg(D1, out=D2); op(D1!);
-            # D2 += D1`, see tests/test_nosync.py::test_inductor_order2_store).
-            D2.copy_(D1)
-        if inp is None:  # a branch output: the stored value is the output itself
-            inp = torch.zeros_like(out)
-        stats = ops.store_residual_(F, D1, out, inp)
-        if D2 is not None:
-            torch.sub(D1, D2, out=D2)
+        stats = ops.store_residual_(self.F, self.D1, out, inp, self.D2)
         if self.D1f is not None:  # once per full step; D1/D2 stay raw for the next differences
             grid, setting = self.filtering
-            for raw, filtered in ((D1, self.D1f), (D2, self.D2f)):
+            for raw, filtered in ((self.D1, self.D1f), (self.D2, self.D2f)):
                 if filtered is not None:
                     filtered.copy_(filter_delta(raw, grid, progress, **setting))
         return stats
@@ -137,33 +128,19 @@ class CacheUnit:
         return (self.D1f, self.D2f) if self.D1f is not None else (self.D1, self.D2)
 
     def reuse_(self, h: torch.Tensor, gamma=None, gamma2=None, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """``h += F + γ1 D1 + γ2 D2`` in place (``h += gate * (...)`` with a gate ``[rows, D]``).
+        """``h += F + γ1 D1 + γ2 D2`` in place, one ``apply_residual_`` pass; with the adaLN
+        ``gate`` ``[rows, D]`` (branch reuse), ``h += gate * (F + γ1 D1 + γ2 D2)``.
 
-        ``gamma`` / ``gamma2``: None where the term is off, else a Python float (a constant of
-        a compiled step) or a float32 device scalar (one graph for every step's value);
-        ``gamma`` must be a tensor on the residual path (``apply_residual_`` reads it on device).
+        ``gamma`` / ``gamma2``: float32 device scalars, or None where the term is off.
         """
         D1, D2 = self.drifts()
-        if gate is not None:  # branch reuse: the current step's adaLN gate
-            g = gate.unsqueeze(1)
-            h.addcmul_(g, self.F)
-            for coef, d in ((gamma, D1), (gamma2, D2)):
-                if coef is None:
-                    continue
-                if isinstance(coef, torch.Tensor):
-                    h.addcmul_(g, d * coef)
-                else:
-                    h.addcmul_(g, d, value=coef)
-            return h
-        if gamma is not None:
-            ops.apply_residual_(h, self.F, D1, gamma)
+        if gamma2 is not None:  # both terms: the op takes the pair (γ1, γ2)
+            g = torch.stack([gamma if gamma is not None else torch.zeros_like(gamma2), gamma2])
+            ops.apply_residual_(h, self.F, D1, g, D2, gate)
+        elif gamma is not None:
+            ops.apply_residual_(h, self.F, D1, gamma, None, gate)
         else:
-            ops.apply_residual_(h, self.F)
-        if gamma2 is not None:
-            if isinstance(gamma2, torch.Tensor):
-                h.add_(D2 * gamma2)
-            else:
-                h.add_(D2, alpha=gamma2)
+            ops.apply_residual_(h, self.F, None, None, None, gate)
         return h
 
     def reuse(self, x: torch.Tensor, gamma=None, gamma2=None) -> torch.Tensor:

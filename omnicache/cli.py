@@ -5,6 +5,7 @@
     omnicache calibrate --policy omnicache --compute-fraction F --out plan.json
     omnicache train-router [--steps N --sampler S --lambda L --target-compute F --iters I --seed K] --out plan.json
     omnicache train-default [...]              train the embedded default model and classifier
+    omnicache train-arena flux [...]           train the Flux digits arena (a diffusers model, package data)
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import pathlib
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from .io import atomic_path, atomic_write_text
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,12 +32,85 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# ---------------------------------------------------------------- argument checks
+# Everything a command will need at its end (the device, where it writes) is checked
+# before its first slow step, so a bad argument costs nothing and touches no file.
+
+
+def _check_device(text: str) -> None:
+    """``--device``: a device this torch can allocate on (not ``meta``)."""
+    from .api import _device
+
+    try:
+        _device(text)
+    except ValueError as e:
+        raise ValueError(f"--device {text}: {e}") from None
+
+
+def _check_number(flag: str, value) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{flag} {value}: must be a finite number")
+
+
+def _check_seed(flag: str, value) -> None:
+    if value is not None and not -2**63 <= value < 2**64:  # what torch's generators take
+        raise ValueError(f"{flag} {value}: must be an int in [-2**63, 2**64)")
+
+
+def _writable_folder(flag: str, text: str, folder: Path, create: bool) -> None:
+    """``folder`` exists (or, with ``create``, its first existing ancestor is a folder we can
+    write in, so it can be made)."""
+    folder = Path(os.path.abspath(folder))
+    if not create and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"{flag} {text}: folder {folder} {what}")
+    anc = folder
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"{flag} {text}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {text}: folder {anc} is not writable")
+
+
+def _check_out_file(flag: str, text: str, create_parents: bool = False) -> None:
+    """``text`` is a file path the command can write at its end: not a folder, and in a
+    folder that exists (or, with ``create_parents``, can be made) and is writable (the
+    atomic write renames a new file into place there)."""
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{flag} {text}: is a folder, expected a file path")
+    _writable_folder(flag, text, path.parent, create_parents)
+
+
+def _check_out_folder(flag: str, text: str, files: tuple = ()) -> None:
+    """``text`` is a folder (existing or creatable) where ``files`` can be written."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {text}: is a file, expected a folder")
+    _writable_folder(flag, text, path, create=True)
+    for name in files:
+        if (path / name).is_dir():
+            raise ValueError(f"{flag} {text}: {path / name} is a folder, expected a file path")
+
+
+def _check_run_args(args) -> None:
+    """The checks every sampling command shares (demo, eval)."""
+    _check_device(args.device)
+    _check_number("--guidance", args.guidance)
+    _check_seed("--seed", args.seed)
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+
+
 def _bench(args, labels):
     from .evaluate import Bench
     from .runtime.default import load_classifier, load_default
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = load_default(device=args.device)
@@ -47,7 +125,7 @@ def _labels(samples: int) -> torch.Tensor:
     return torch.arange(samples) % 10
 
 
-def _save_grid(rows: list[dict], path: pathlib.Path, columns: int = 10) -> None:
+def _save_grid(rows: list[dict], path, columns: int = 10) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +141,10 @@ def _save_grid(rows: list[dict], path: pathlib.Path, columns: int = 10) -> None:
                 ax.imshow(images[c, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         axes[r][0].set_title(row["policy"], fontsize=7, loc="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _write(out: pathlib.Path | None, rows: list[dict], bench, args) -> None:
@@ -77,7 +157,16 @@ def _write(out: pathlib.Path | None, rows: list[dict], bench, args) -> None:
                   seed=args.seed, guidance=bench.guidance, command="omnicache " + " ".join(sys.argv[1:]),
                   results=[public_row(r) for r in rows])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+
+
+def _write_demo(out: pathlib.Path, rows: list[dict], bench, args) -> None:
+    """``samples.png`` and ``demo.json`` in ``out``, both or neither: the image is drawn to a
+    temporary file first and put in place only once the JSON is written (atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "samples.png") as png:
+        _save_grid(rows, png)
+        _write(out / "demo.json", rows, bench, args)
 
 
 def _l2c_plans(bench, args) -> list:
@@ -108,7 +197,10 @@ def cmd_demo(args) -> int:
 
     from .evaluate import POLICIES, format_table, make_config
 
-    bench = _bench(args, _labels(args.samples))
+    _check_run_args(args)
+    labels = _labels(args.samples)
+    _check_out_folder("--out", args.out, files=("samples.png", "demo.json"))
+    bench = _bench(args, labels)
     rows = [dict(bench.uncached_row(), samples=bench.reference.samples)]
     names = [n for n in POLICIES if n != "nocache"]
     with tqdm(names, desc="policies", unit="policy", file=sys.stderr) as bar:
@@ -124,9 +216,7 @@ def cmd_demo(args) -> int:
             rows.append(bench.measure(config))
     print(format_table(rows))
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_grid(rows, out / "samples.png")
-    _write(out / "demo.json", rows, bench, args)
+    _write_demo(out, rows, bench, args)
     print(f"wrote {out / 'samples.png'} and {out / 'demo.json'}")
     return 0
 
@@ -143,10 +233,18 @@ def cmd_eval(args) -> int:
             raise ValueError(f"policy {name!r} has no compute knob; drop --compute-fraction")
     if args.compute_fraction is not None and not 0.0 < args.compute_fraction <= 1.0:
         raise ValueError(f"--compute-fraction must be in (0, 1], got {args.compute_fraction}")
+    _check_run_args(args)
+    labels = _labels(args.samples)
+    if args.json:
+        _check_out_file("--json", args.json, create_parents=True)
+    saved = {name: _saved_plan(name, args) for name in args.policy}  # plan files: read and checked now
 
-    bench = _bench(args, _labels(args.samples))
+    bench = _bench(args, labels)
     rows = [bench.uncached_row()]
     for name in tqdm(args.policy, desc="policies", unit="policy", file=sys.stderr):
+        if saved[name] is not None:
+            rows.append(bench.measure(saved[name]))
+            continue
         sets = list(args.set)
         if name == "teacache" and not any(s.startswith("coefficients=") for s in sets):
             sets.append("coefficients=" + ",".join(repr(c) for c in bench.fit_teacache()))
@@ -158,6 +256,29 @@ def cmd_eval(args) -> int:
     print(format_table(rows))
     _write(pathlib.Path(args.json) if args.json else None, rows, bench, args)
     return 0
+
+
+def _saved_plan(name: str, args):
+    """The plan file a policy's ``--set plan_path=FILE`` names, loaded and checked against the
+    run (steps, the embedded model's depth), labelled by what it holds; None without one."""
+    from .evaluate import make_config
+    from .runtime.default import default_info, dit_config
+
+    config = make_config(name, args.set)
+    path = getattr(config, "plan_path", None)
+    if path is None:
+        return None
+    if args.compute_fraction is not None:
+        raise ValueError(f"--set plan_path={path}: a saved plan has its own compute; drop --compute-fraction")
+    try:
+        plan = config.plan(args.steps, dit_config(default_info()).depth)
+    except FileNotFoundError:
+        raise ValueError(f"--set plan_path={path}: no such file") from None
+    except (ValueError, OSError) as e:
+        where = "--set plan_path" if str(path) in str(e) else f"--set plan_path={path}"  # name the file once
+        raise ValueError(f"{where}: {e}") from None
+    label = f"{plan.meta.get('policy', 'plan')}(plan={Path(path).name})"
+    return dataclasses.replace(plan, meta=dict(plan.meta, policy=label))
 
 
 def cmd_train_default(args, rest) -> int:
@@ -229,9 +350,10 @@ def cmd_calibrate(argv) -> int:
             raise ValueError(f"--compute-fraction must be in (0, 1], got {args.compute_fraction}")
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
-        parent = Path(args.out).resolve().parent
-        if not parent.is_dir():
-            raise ValueError(f"--out {args.out}: folder {parent} does not exist")
+        _check_out_file("--out", args.out)
+        _check_number("--guidance", args.guidance)
+        _check_seed("--seed", args.seed)
+        _check_device(args.device)
         config = _config_from_args(args)
         from .runtime.default import load_default
 
@@ -295,9 +417,10 @@ def cmd_train_router(argv) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        parent = Path(args.out).resolve().parent
-        if not parent.is_dir():
-            raise ValueError(f"--out {args.out}: folder {parent} does not exist")
+        _check_out_file("--out", args.out)
+        _check_number("--guidance", args.guidance)
+        _check_seed("--seed", args.seed)
+        _check_device(args.device)
         config = L2CConfig(compute_fraction=args.target_compute, threshold=args.threshold, refresh=args.refresh,
                            lam=args.lam, iters=args.iters, lr=args.lr, batch=args.batch,
                            train_samples=args.train_samples, data=args.data, seed=args.seed,
@@ -350,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tune each policy's knob to this compute fraction")
     ev.add_argument("--json", default=None, help="write the results here")
     sub.add_parser("train-default", help="train the embedded DiT and classifier (see --help)", add_help=False)
+    sub.add_parser("train-arena", help="train a diffusers arena model, e.g. train-arena flux (see --help)",
+                   add_help=False)
     sub.add_parser("calibrate", help="calibrate an OmniCache plan on the embedded model (see --help)",
                    add_help=False)
     sub.add_parser("train-router", help="Learning-to-Cache: train a router, write its plan (see --help)",
@@ -360,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] == ["train-arena"]:
+        from .arena import train as train_arena
+
+        return train_arena.main(argv[1:]) or 0
     if argv[:1] == ["train-default"]:
         return cmd_train_default(None, argv[1:])
     if argv[:1] == ["calibrate"]:
@@ -369,7 +498,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"demo": cmd_demo, "eval": cmd_eval}[args.command](args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
         print(f"omnicache {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import types
 import typing
 from dataclasses import dataclass
@@ -97,6 +98,9 @@ def policy_label(config) -> str:
     if isinstance(config, CachePlan):
         return str(config.meta.get("policy", "plan"))
     name = next((n for n, c in POLICIES.items() if isinstance(config, c)), type(config).__name__)
+    path = getattr(config, "plan_path", None)
+    if path is not None:  # a saved plan runs, whatever the config's knob says
+        return f"{name}(plan={pathlib.PurePath(path).name})"
     knob = KNOBS.get(name)
     if knob is None:
         return name

@@ -51,12 +51,13 @@ OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1")
 # ----------------------------------------------------------------------------- fakes
 # Shapes only, plus the same argument checks as the kernels (minus the memory-overlap
 # test, which fake tensors cannot do).
-def _fake_apply_residual_(hidden, residual, correction=None, gamma=None):
-    _checks.check_apply_residual(hidden, residual, correction, gamma)
+def _fake_apply_residual_(hidden, residual, correction=None, gamma=None, correction2=None,
+                          gate=None):
+    _checks.check_apply_residual(hidden, residual, correction, gamma, correction2, gate)
 
 
-def _fake_store_residual_(cache, delta, out, inp):
-    _checks.check_store_residual(cache, delta, out, inp)
+def _fake_store_residual_(cache, delta, out, inp, delta2=None):
+    _checks.check_store_residual(cache, delta, out, inp, delta2)
     return cache.new_empty((cache.shape[0], 4), dtype=torch.float32)
 
 
@@ -106,17 +107,20 @@ def _triton_device_ok(t: Tensor) -> None:
 
 @torch.library.custom_op("omnicache_triton::apply_residual_", mutates_args=("hidden",))
 def _triton_apply_residual_(hidden: Tensor, residual: Tensor, correction: Tensor | None = None,
-                            gamma: Tensor | None = None) -> None:
-    _checks.check_apply_residual(hidden, residual, correction, gamma)
+                            gamma: Tensor | None = None, correction2: Tensor | None = None,
+                            gate: Tensor | None = None) -> None:
+    _checks.check_apply_residual(hidden, residual, correction, gamma, correction2, gate)
     _triton_device_ok(hidden)
-    _triton_kernels().apply_residual.apply_residual_(hidden, residual, correction, gamma)
+    _triton_kernels().apply_residual.apply_residual_(hidden, residual, correction, gamma,
+                                                     correction2, gate)
 
 
-@torch.library.custom_op("omnicache_triton::store_residual_", mutates_args=("cache", "delta"))
-def _triton_store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor) -> Tensor:
-    _checks.check_store_residual(cache, delta, out, inp)
+@torch.library.custom_op("omnicache_triton::store_residual_", mutates_args=("cache", "delta", "delta2"))
+def _triton_store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor | None,
+                            delta2: Tensor | None = None) -> Tensor:
+    _checks.check_store_residual(cache, delta, out, inp, delta2)
     _triton_device_ok(cache)
-    return _triton_kernels().store_residual.store_residual_(cache, delta, out, inp)
+    return _triton_kernels().store_residual.store_residual_(cache, delta, out, inp, delta2)
 
 
 @torch.library.custom_op("omnicache_triton::trajectory_stats", mutates_args=())
@@ -138,14 +142,15 @@ for _name, _fake in _FAKES.items():
 
 
 # ----------------------------------------------------------------- torch backend
-def _torch_apply_residual_(hidden, residual, correction=None, gamma=None):
-    _checks.check_apply_residual(hidden, residual, correction, gamma)
-    reference.apply_residual_(hidden, residual, correction, gamma)
+def _torch_apply_residual_(hidden, residual, correction=None, gamma=None, correction2=None,
+                           gate=None):
+    _checks.check_apply_residual(hidden, residual, correction, gamma, correction2, gate)
+    reference.apply_residual_(hidden, residual, correction, gamma, correction2, gate)
 
 
-def _torch_store_residual_(cache, delta, out, inp):
-    _checks.check_store_residual(cache, delta, out, inp)
-    return reference.store_residual_(cache, delta, out, inp)
+def _torch_store_residual_(cache, delta, out, inp, delta2=None):
+    _checks.check_store_residual(cache, delta, out, inp, delta2)
+    return reference.store_residual_(cache, delta, out, inp, delta2)
 
 
 def _torch_trajectory_stats(x_next, x, x_prev):
@@ -258,40 +263,75 @@ def _resolve(op: str, t: Tensor) -> str:
 
 # ------------------------------------------------------------------- the ops
 def apply_residual_(hidden: Tensor, residual: Tensor, correction: Tensor | None = None,
-                    gamma: Tensor | None = None) -> None:
-    """Add a cached residual, with a γ-scaled correction, to ``hidden`` in place.
+                    gamma: Tensor | None = None, correction2: Tensor | None = None,
+                    gate: Tensor | None = None) -> None:
+    """Add a cached residual, its corrections and the adaLN gate to ``hidden`` in place.
 
-    ``hidden[b] += residual[b] + gamma[b] * correction[b]`` for each sample ``b``,
-    computed in float32 and rounded once to ``hidden.dtype``; ``gamma`` defaults to 1
-    and there is no correction term when ``correction`` is None.
+    For each sample ``b`` and element ``i`` (``d`` its index in the last dim)::
 
-    Args:
-        hidden: ``[B, ...]`` float32/float16/bfloat16, contiguous; written in place.
-        residual, correction: same shape, dtype and device as ``hidden``; may be strided.
-        gamma: float32 device tensor of shape ``[]`` or ``[B]`` (needs ``correction``).
+        hidden[b, i] += gate[b, d] * (residual[b, i] + γ1[b] * correction[b, i]
+                                                     + γ2[b] * correction2[b, i])
 
-    Bytes moved: 4N·s with a correction (3 reads, 1 write), 3N·s without, for N
-    elements of s bytes.
+    in float32, evaluated left to right and rounded once to ``hidden.dtype``. An absent
+    term drops out; ``gate`` and the γ default to 1. With ``correction`` alone this is
+    first-order forecasting (``hidden += residual + γ·D1``), with ``correction2`` too
+    second-order; ``gate`` is the current step's adaLN gate for branch reuse.
+
+    Parameters
+    ----------
+    hidden : Tensor
+        ``[B, ..., D]`` float32/float16/bfloat16, contiguous; written in place.
+    residual, correction, correction2 : Tensor
+        Same shape, dtype and device as ``hidden``; may be strided. ``correction`` and
+        ``correction2`` may be None.
+    gamma : Tensor, optional
+        float32 on hidden's device. Without ``correction2``: ``[]`` or ``[B]`` (γ1).
+        With ``correction2``: ``[2]`` or ``[B, 2]`` holding (γ1, γ2). Needs a correction.
+    gate : Tensor, optional
+        ``[B, D]``, hidden's dtype and device (broadcast over the middle dims).
+
+    Bytes moved: ``(2 + k)·N·s + B·D·s`` (read hidden, residual and k corrections,
+    write hidden; the gate once), for N elements of s bytes: 3N·s to 5N·s.
     """
-    _impls(_resolve("apply_residual_", hidden)).apply_residual_(hidden, residual, correction, gamma)
+    _checks.check_types("apply_residual_", {"hidden": hidden, "residual": residual},
+                        {"correction": correction, "gamma": gamma, "correction2": correction2,
+                         "gate": gate})
+    _impls(_resolve("apply_residual_", hidden)).apply_residual_(
+        hidden, residual, correction, gamma, correction2, gate)
 
 
-def store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor) -> Tensor:
-    """Store a block's residual and measure how far it moved.
+def store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor | None,
+                    delta2: Tensor | None = None) -> Tensor:
+    """Store a block's (or branch's) output and its finite differences, with statistics.
 
-    ``new = out - inp``; ``delta = new - cache`` (if given); ``cache = new``, all
-    in place, computed in float32. Returns ``[B, 4]`` float32 per sample:
-    ``Σ|new - old|, Σ|old|, Σ(new - old)², Σold²`` with ``old`` the cache before the
-    call and ``new`` unrounded.
+    In one pass, in float32, per element::
 
-    Args:
-        cache: ``[B, ...]`` float32/float16/bfloat16, contiguous; written in place.
-        delta: None, or like ``cache``; written in place.
-        out, inp: like ``cache``; may be strided.
+        new = out - inp                  # new = out when inp is None (branch caching)
+        d1 = new - cache                 # cache before the call: ``old``
+        delta2 = d1 - delta              # if delta2 is given (needs delta): old delta
+        delta = d1                       # if delta is given
+        cache = new
 
-    Bytes moved: 5N·s with ``delta`` (3 reads, 2 writes), 4N·s without.
+    Returns ``[B, 4]`` float32 per sample: ``Σ|new - old|, Σ|old|, Σ(new - old)², Σold²``
+    with ``new`` and ``d1`` unrounded.
+
+    Parameters
+    ----------
+    cache : Tensor
+        ``[B, ...]`` float32/float16/bfloat16, contiguous; written in place.
+    delta, delta2 : Tensor or None
+        Like ``cache``, contiguous; written in place (``delta`` also read with ``delta2``).
+    out : Tensor
+        Like ``cache``; may be strided.
+    inp : Tensor or None
+        Like ``cache``; may be strided.
+
+    Bytes moved: ``(r + w)·N·s`` with r reads (out, inp if given, cache, delta if
+    ``delta2``) and w writes (cache, delta, delta2 if given): 3N·s to 7N·s.
     """
-    return _impls(_resolve("store_residual_", cache)).store_residual_(cache, delta, out, inp)
+    _checks.check_types("store_residual_", {"cache": cache, "out": out},
+                        {"delta": delta, "inp": inp, "delta2": delta2})
+    return _impls(_resolve("store_residual_", cache)).store_residual_(cache, delta, out, inp, delta2)
 
 
 def trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
@@ -301,22 +341,28 @@ def trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
     ``‖v1‖², ‖v0‖², ⟨v1, v0⟩``. The curvature is ``1 - ⟨v1,v0⟩ / (‖v1‖‖v0‖)`` and
     the least-squares γ of ``v1 ≈ γ v0`` is ``⟨v1,v0⟩ / ‖v0‖²``.
 
-    Args:
-        x_next, x, x_prev: ``[B, ...]`` float32/float16/bfloat16, same shape; may be strided.
+    Parameters
+    ----------
+    x_next, x, x_prev : Tensor
+        ``[B, ...]`` float32/float16/bfloat16, same shape; may be strided.
 
     Bytes moved: 3N·s.
     """
+    _checks.check_types("trajectory_stats", {"x_next": x_next, "x": x, "x_prev": x_prev})
     return _impls(_resolve("trajectory_stats", x_next)).trajectory_stats(x_next, x, x_prev)
 
 
 def rel_l1(a: Tensor, b: Tensor) -> Tensor:
     """Relative-L1 terms: returns ``[B, 2]`` float32 per sample: ``Σ|a - b|, Σ|b|``.
 
-    Args:
-        a, b: ``[B, ...]`` float32/float16/bfloat16, same shape; may be strided.
+    Parameters
+    ----------
+    a, b : Tensor
+        ``[B, ...]`` float32/float16/bfloat16, same shape; may be strided.
 
     Bytes moved: 2N·s.
     """
+    _checks.check_types("rel_l1", {"a": a, "b": b})
     return _impls(_resolve("rel_l1", a)).rel_l1(a, b)
 
 

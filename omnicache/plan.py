@@ -31,10 +31,14 @@ from pathlib import Path
 
 import torch
 
+from .io import atomic_write_text
+
 __all__ = ["CachePlan", "GRANULARITIES", "PLAN_VERSION", "model_fingerprint"]
 
 PLAN_VERSION = 1
 GRANULARITIES = ("step", "block", "branch")
+# gamma/gamma2 become float32 device scalars: a value float32 cannot hold is refused on load.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FIELDS = ("version", "steps", "blocks", "granularity", "compute", "gamma", "gamma2", "meta")
 
 
@@ -103,6 +107,8 @@ def _coefficients(field: str, values, steps: int) -> list:
     for i, g in enumerate(values):
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
             _fail(f"{field}[{i}]", f"must be a finite number, got {g!r}")
+        if abs(g) > _FLOAT32_MAX:
+            _fail(f"{field}[{i}]", f"must be within float32 range (|value| <= {_FLOAT32_MAX:.8g}), got {g!r}")
         out.append(float(g))
     return out
 
@@ -134,7 +140,7 @@ class CachePlan:
     version: int = PLAN_VERSION
 
     def __post_init__(self):
-        if isinstance(self.version, bool) or self.version != PLAN_VERSION:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version != PLAN_VERSION:
             _fail("version", f"must be {PLAN_VERSION}, got {self.version!r}")
         _positive_int("steps", self.steps)
         _positive_int("blocks", self.blocks)
@@ -245,13 +251,16 @@ class CachePlan:
         return copy.deepcopy({name: getattr(self, name) for name in _FIELDS})
 
     def save(self, path) -> None:
-        """Write the plan as JSON: one line per field, one line per step of ``compute``."""
+        """Write the plan as JSON: one line per field, one line per step of ``compute``.
+
+        The write is atomic (:mod:`omnicache.io`): a failed save leaves an existing file
+        at ``path`` as it was."""
         d = self.to_dict()
         lines = [f"  {json.dumps(k)}: {json.dumps(d[k], allow_nan=False)}" for k in _FIELDS if k not in ("compute", "meta")]
         lines.append(f'  "meta": {json.dumps(d["meta"], allow_nan=False)}')
         rows = ",\n    ".join(json.dumps(row) for row in d["compute"])
         lines.append(f'  "compute": [\n    {rows}\n  ]')
-        Path(path).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+        atomic_write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")
 
     @classmethod
     def from_dict(cls, d) -> CachePlan:
@@ -270,10 +279,29 @@ class CachePlan:
 
     @classmethod
     def load(cls, path) -> CachePlan:
-        """Read and validate a plan written by :meth:`save`."""
-        text = Path(path).read_text()
+        """Read and validate a plan written by :meth:`save`.
+
+        Raises ``ValueError`` naming the file (and the field) for anything that is not a
+        valid plan: not UTF-8, not JSON, nested too deeply, a field out of range; a folder
+        path is a ``ValueError`` too; a missing file is ``FileNotFoundError``."""
+        p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"CachePlan: {path}: is a folder, expected a plan file (JSON)")
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"CachePlan: {path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") \
+                from None
         try:
             d = json.loads(text)  # NaN/Infinity parse as floats and are refused by field below
         except json.JSONDecodeError as e:
             raise ValueError(f"CachePlan: {path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        except RecursionError:
+            raise ValueError(f"CachePlan: {path}: not a plan (JSON nested too deeply)") from None
+        try:
+            return cls.from_dict(d)
+        except RecursionError:  # e.g. a deeply nested meta
+            raise ValueError(f"CachePlan: {path}: CachePlan.meta: nested too deeply") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None

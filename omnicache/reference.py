@@ -21,10 +21,16 @@ def _per_sample(t: Tensor, acc: torch.dtype) -> Tensor:
     return t.to(acc).reshape(t.shape[0], -1)
 
 
-def _gamma_column(gamma: Tensor | None, batch: int, acc: torch.dtype) -> Tensor | float:
+def _gammas(gamma: Tensor | None, batch: int, second_order: bool, acc: torch.dtype):
+    """(γ1, γ2) as ``[B, 1]`` columns (or 1.0): gamma is ``[]``/``[B]`` for γ1 alone,
+    ``[2]``/``[B, 2]`` for both when there is a second correction."""
     if gamma is None:
-        return 1.0
-    return gamma.to(acc).expand(batch).reshape(batch, 1)
+        return 1.0, 1.0
+    g = gamma.to(acc)
+    if second_order:
+        g = g.expand(batch, 2)
+        return g[:, 0:1], g[:, 1:2]
+    return g.expand(batch).reshape(batch, 1), 1.0
 
 
 def apply_residual_(
@@ -32,42 +38,60 @@ def apply_residual_(
     residual: Tensor,
     correction: Tensor | None = None,
     gamma: Tensor | None = None,
+    correction2: Tensor | None = None,
+    gate: Tensor | None = None,
     *,
     acc: torch.dtype = torch.float32,
 ) -> None:
-    """``hidden[b] += residual[b] + gamma[b] * correction[b]`` (gamma 1 if None)."""
+    """``hidden += gate * (residual + γ1·correction + γ2·correction2)``.
+
+    Each absent term drops out (gate and γ default to 1). ``gate`` is ``[B, D]`` with D
+    the last dim of ``hidden`` (broadcast over the middle dims). Evaluated left to right:
+    ``s = residual; s += γ1·c1; s += γ2·c2; s *= gate; hidden += s``.
+    """
     if hidden.numel() == 0:
         return
     batch = hidden.shape[0]
-    h = _per_sample(hidden, acc) + _per_sample(residual, acc)
+    g1, g2 = _gammas(gamma, batch, correction2 is not None, acc)
+    s = residual.to(acc)
     if correction is not None:
-        h = h + _gamma_column(gamma, batch, acc) * _per_sample(correction, acc)
-    hidden.copy_(h.reshape(hidden.shape))
+        s = s + _per_sample(correction, acc).mul(g1).reshape(hidden.shape)
+    if correction2 is not None:
+        s = s + _per_sample(correction2, acc).mul(g2).reshape(hidden.shape)
+    if gate is not None:
+        s = s * gate.to(acc).reshape(batch, *[1] * (hidden.dim() - 2), hidden.shape[-1])
+    hidden.copy_(hidden.to(acc) + s)
 
 
 def store_residual_(
     cache: Tensor,
     delta: Tensor | None,
     out: Tensor,
-    inp: Tensor,
+    inp: Tensor | None,
+    delta2: Tensor | None = None,
     *,
     acc: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Store ``new = out - inp`` into ``cache``; optionally ``delta = new - cache_old``.
+    """``new = out - inp`` (``new = out`` when ``inp`` is None); ``d1 = new - cache_old``;
+    ``delta2 = d1 - delta_old`` (if given); ``delta = d1`` (if given); ``cache = new``.
 
     Returns ``[B, 4]`` (float32, or ``acc`` if wider): ``Σ|new-old|, Σ|old|,
-    Σ(new-old)², Σold²`` per sample, with ``new`` the unrounded difference.
+    Σ(new-old)², Σold²`` per sample, with ``new`` and ``d1`` unrounded.
     """
     batch = cache.shape[0]
     out_dtype = torch.promote_types(acc, torch.float32)
     if cache.numel() == 0:
         return torch.zeros(batch, 4, dtype=out_dtype, device=cache.device)
     old = _per_sample(cache, acc)
-    new = _per_sample(out, acc) - _per_sample(inp, acc)
+    new = _per_sample(out, acc)
+    if inp is not None:
+        new = new - _per_sample(inp, acc)
     diff = new - old
     stats = torch.stack(
         [diff.abs().sum(1), old.abs().sum(1), (diff * diff).sum(1), (old * old).sum(1)], dim=1
     )
+    if delta2 is not None:
+        delta2.copy_((diff - _per_sample(delta, acc)).reshape(delta2.shape))
     if delta is not None:
         delta.copy_(diff.reshape(delta.shape))
     cache.copy_(new.reshape(cache.shape))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .io import atomic_path, atomic_write_text
 from .metrics import class_accuracy
 from .runtime.default import DEFAULT_JSON, FORMAT_VERSION, DigitClassifier, load_classifier, load_default
 from .runtime.model import DiT, DiTConfig
@@ -192,9 +193,11 @@ def main(argv=None):
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     dit_state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in ema.state_dict().items()}
-    save_file(dit_state, str(args.out_dir / "default_dit.safetensors"), metadata={"format": "omnicache-dit"})
+    with atomic_path(args.out_dir / "default_dit.safetensors") as tmp:
+        save_file(dit_state, tmp, metadata={"format": "omnicache-dit"})
     cls_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in classifier.state_dict().items()}
-    save_file(cls_state, str(args.out_dir / "digit_classifier.safetensors"), metadata={"format": "omnicache-digits"})
+    with atomic_path(args.out_dir / "digit_classifier.safetensors") as tmp:
+        save_file(cls_state, tmp, metadata={"format": "omnicache-digits"})
     info = {
         "format_version": FORMAT_VERSION,
         "description": "class-conditional rectified-flow DiT on scikit-learn digits (1x8x8 in [-1, 1], 10 classes)",
@@ -236,7 +239,7 @@ def main(argv=None):
             "date": datetime.date.today().isoformat(),
         },
     }
-    (args.out_dir / DEFAULT_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(args.out_dir / DEFAULT_JSON, json.dumps(info, indent=2) + "\n")
 
     # Evaluate what was written (float16 weights as loaded by load_default).
     model = load_default(device=device, data_dir=args.out_dir)
@@ -246,7 +249,7 @@ def main(argv=None):
         acc = sample_accuracy(model, classifier, name, args.guidance, args.eval_samples, args.sample_steps, device)
         info["sample_accuracy"][name] = acc
         print(f"class accuracy of guided samples ({name}, {args.sample_steps} steps, g={args.guidance}): {acc:.4f}")
-    (args.out_dir / DEFAULT_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(args.out_dir / DEFAULT_JSON, json.dumps(info, indent=2) + "\n")
     return info
 
 

@@ -163,3 +163,43 @@ def test_missing_file_rejected(data_dir, info):
     (data_dir / info["classifier"]["weights"]).unlink()
     with pytest.raises(FileNotFoundError):
         load_classifier(data_dir=data_dir)
+
+
+# Issue 15.7: every field checked, sizes checked against the file before allocating.
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda i: i["dit"]["config"].update(mlp_ratio=float("nan")), "dit.config.*mlp_ratio must be a finite"),
+        (lambda i: i["dit"]["config"].update(mlp_ratio=float("inf")), "dit.config.*mlp_ratio must be a finite"),
+        (lambda i: i["dit"]["config"].update(mlp_ratio=1e-9), "mlp_ratio .* MLP width >= 1"),
+        (lambda i: i["classifier"].update(width=-4), "'classifier.width' must be an int >= 1, got -4"),
+        (lambda i: i["classifier"].update(num_classes=0), "'classifier.num_classes' must be an int >= 1"),
+        (lambda i: i.update(default_steps=-5), "'default_steps' must be an int >= 1, got -5"),
+        (lambda i: i.update(default_guidance=-1e9), r"'default_guidance' must be a CFG scale in \[0, 100\]"),
+        (lambda i: i.update(default_guidance=1e9), "'default_guidance' must be a CFG scale"),
+        (lambda i: i["dit"]["config"].update(hidden_size=10**7, num_heads=4),
+         r"tensor '.*' has shape \(.*\), expected \(.*0000000.*\) \(from default_model.json field 'dit.config'\)"),
+    ],
+)
+def test_fields_out_of_range_rejected(data_dir, edit, match):
+    edit_json(data_dir, edit)
+    with pytest.raises(ValueError, match=match):
+        load_default(data_dir=data_dir)
+    if "dit.config" not in match:  # the classifier's own sizes do not depend on the DiT's
+        with pytest.raises(ValueError, match=match):
+            load_classifier(data_dir=data_dir)
+
+
+def test_classifier_size_checked_before_allocating(data_dir):
+    edit_json(data_dir, lambda i: i["classifier"].update(width=10**6))  # 4.6e12 conv weights
+    with pytest.raises(ValueError, match=r"tensor 'features.*' has shape .*, expected \(.*000000.*'classifier.width'"):
+        load_classifier(data_dir=data_dir)
+
+
+@pytest.mark.parametrize("ratio", [float("nan"), float("inf"), -1.0, True])
+def test_dit_config_mlp_ratio(ratio):
+    with pytest.raises(ValueError, match="DiTConfig.mlp_ratio must be a finite positive number"):
+        DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                  num_classes=2, mlp_ratio=ratio)

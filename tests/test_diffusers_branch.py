@@ -13,11 +13,16 @@ import diffusers_models as dm  # noqa: E402
 
 from omnicache.integrations import diffusers as od  # noqa: E402
 from omnicache.plan import CachePlan  # noqa: E402
-from omnicache.policies import (FirstBlockCacheConfig, FORAConfig, L2CConfig, TaylorSeerConfig,  # noqa: E402
-                                TeaCacheConfig)
+from omnicache.policies import FirstBlockCacheConfig, FORAConfig, L2CConfig, TeaCacheConfig  # noqa: E402
 
 STEPS = 6
-MODELS = list(dm.MODELS)
+# the models whose every block class declares its attention/MLP branches and batched arguments
+# (adapters.BlockIO attn/mlp/batched); the others project branch plans to blocks and refuse
+# per_sample (tested in test_blocks_without_branches_project_branch_plans)
+MODELS = ["DiT", "PixArt", "Flux", "SD3", "Wan", "CogVideoX", "Latte"]
+# per-sample decisions also need dim 0 of every block input to be the batch: not Latte's
+# (batch x frames or batch x tokens), where per_sample is refused with an error naming the input
+PER_SAMPLE_MODELS = [n for n in MODELS if n != "Latte"]
 
 
 def _max_err(a, b):
@@ -160,15 +165,18 @@ def test_blocks_without_branches_project_branch_plans(monkeypatch):
 
 
 def test_branch_compile_fullgraph_no_recompile():
-    """TaylorSeer order 2 per branch on Flux (tuple attention outputs, a Linear branch, STORE /
-    REUSE steps, D1 and D2, per-step gamma device scalars): every step pattern compiles once with
-    fullgraph=True, no recompile over two runs, equal to eager; the traced calls' compute
-    fraction is the plan's."""
+    """A branch plan on Flux with different actions per branch within a step (tuple attention
+    outputs, a Linear branch, STORE / REUSE / COMPUTE, D1 and D2, per-step gamma device
+    scalars): every step pattern compiles once with fullgraph=True, no recompile over two runs,
+    equal to eager; the traced calls' compute fraction is the plan's."""
     import torch._dynamo
 
     torch._dynamo.reset()
     m, shape, inputs = dm.make("Flux")
-    od.enable(m, TaylorSeerConfig(order=2, granularity="branch"), steps=STEPS)
+    p = _l2c_like_plan(STEPS, _n_blocks(m))
+    plan = CachePlan(STEPS, p.blocks, "branch", p.compute, p.gamma, [0.0] * (STEPS - 1) + [0.25])
+    od.enable(m, plan, steps=STEPS)
+    assert len(set(od.runtime_of(m)[1].actions)) >= 4
     eager = dm.sample(m, shape, inputs, STEPS)
     frac = od.summary(m).compute_fraction
     compiled = torch.compile(m, fullgraph=True)
@@ -202,7 +210,7 @@ def _alone(inputs, s, batch=2):
                          for k, v in inputs(x, t).items()}
 
 
-@pytest.mark.parametrize("name", ["Flux", "Wan"])
+@pytest.mark.parametrize("name", PER_SAMPLE_MODELS)
 @pytest.mark.parametrize("config", [FirstBlockCacheConfig, TeaCacheConfig], ids=["fbc", "teacache"])
 def test_per_sample_equals_each_sample_alone(name, config):
     """With two prompts in one call, each sample's decisions and outputs equal running it alone
@@ -218,15 +226,21 @@ def test_per_sample_equals_each_sample_alone(name, config):
     best = None  # the threshold (a midpoint between measured changes) with the most mixed steps
     for thr in [(a + b) / 2 for a, b in zip(rels, rels[1:])]:
         od.enable(m, config(threshold=thr), steps=steps, per_sample=True)
+        rt = od.runtime_of(m)[1]
         outs = _run(m, x, inputs, steps)
         s = od.summary(m)
         od.disable(m)
         dec = [d["compute"] for d in s.contexts[None]["stats"]]
         mixed = sum(a != b for a, b in dec)
         if best is None or mixed > best[0]:
-            best = (mixed, thr, dec, outs, s)
-    mixed, thr, dec, outs, s = best
+            best = (mixed, thr, dec, outs, s, rt)
+    mixed, thr, dec, outs, s, rt = best
     assert mixed >= 1 and all(len(d) == 2 for d in dec)
+    # the sub-batch's linear FLOPs: each remaining block at the fraction of samples that ran it
+    trace, cost, outside = s.contexts[None]["trace"], rt.block_cost, rt.outside_cost
+    assert [row[-1] for row in trace] == [sum(d) / 2 for d in dec]
+    spent = sum(outside + sum(w * c for w, c in zip(cost, row)) for row in trace)
+    assert abs(s.compute_fraction - spent / (steps * (outside + sum(cost)))) < 1e-9
     assert s.compute_fraction < 1
     for smp in range(2):
         od.enable(m, config(threshold=thr), steps=steps)

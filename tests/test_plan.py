@@ -127,3 +127,47 @@ def test_compute_fraction_counts_flops():
     assert CachePlan.full(4, 2).compute_fraction(flops) == 1.0
     plan = FORAConfig(interval=2).plan(4, 2)  # branch level: modulation every step
     assert plan.compute_fraction(flops) == pytest.approx((4 * 20 + 2 * 2 * 85 + 2 * 2 * 5) / (4 * 190))
+
+
+# Issue 15.3 and 15.8: values float32 cannot hold, hostile files; each a ValueError that
+# names the file and the field.
+
+
+@pytest.mark.parametrize("field", ["gamma", "gamma2"])
+@pytest.mark.parametrize("value", [1e308, -3.5e38])
+def test_gamma_outside_float32_range_named(tmp_path, field, value):
+    d = plan_dict()
+    d[field][2] = value  # step 2 reuses (TaylorSeer interval 2, warm-up 1)
+    path = write(tmp_path, d)
+    with pytest.raises(ValueError, match=rf"plan\.json: CachePlan\.{field}\[2\]: must be within float32 range"):
+        CachePlan.load(path)
+    d[field][2] = 3e38  # float32 holds it
+    CachePlan.load(write(tmp_path, d))
+
+
+def test_version_must_be_the_int(tmp_path):
+    path = write(tmp_path, plan_dict(version=1.0))
+    with pytest.raises(ValueError, match=r"plan\.json: CachePlan\.version: must be 1, got 1\.0"):
+        CachePlan.load(path)
+
+
+def test_deep_nesting_named(tmp_path):
+    path = write(tmp_path, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"CachePlan: .*plan\.json: not a plan \(JSON nested too deeply\)"):
+        CachePlan.load(path)
+    d = plan_dict()
+    text = json.dumps(d).replace('"meta": {', '"meta": {"deep": ' + "[" * 100_000 + "]" * 100_000 + ', ', 1)
+    with pytest.raises(ValueError, match=r"plan\.json: .*nested too deeply"):
+        CachePlan.load(write(tmp_path, text))
+
+
+def test_not_utf8_named(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_bytes(json.dumps(plan_dict()).encode().replace(b'"TaylorSeer"', b'"Taylor\xffSeer"'))
+    with pytest.raises(ValueError, match=r"plan\.json: not UTF-8 text \(byte \d+"):
+        CachePlan.load(path)
+
+
+def test_folder_named(tmp_path):
+    with pytest.raises(ValueError, match=rf"{tmp_path}: is a folder"):
+        CachePlan.load(tmp_path)

@@ -147,6 +147,44 @@ def test_apply_residual_gamma_batch_one_and_offset_target():
     assert torch.equal(storage[0], before[0]) and torch.equal(storage[2], before[2])
 
 
+ORDER2_CASES = {  # (correction, correction2, gate)
+    "c1-c2": (True, True, False), "c2-gate": (False, True, True), "c1-gate": (True, False, True),
+    "c1-c2-gate": (True, True, True), "gate": (False, False, True),
+}
+
+
+@pytest.mark.parametrize("block", [k_utils.ELEMENTWISE_BLOCK, 64], ids=["block-default", "block-64"])
+@pytest.mark.parametrize("gamma_mode", ["none", "shared", "per-sample"])
+@pytest.mark.parametrize("case", ORDER2_CASES.values(), ids=ORDER2_CASES.keys())
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if len(s) >= 2], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_apply_residual_order2_and_gate(dtype, shape, strided, case, gamma_mode, block):
+    if block == 64 and shape[-1] > 1000:
+        block = 512
+    with_c1, with_c2, with_gate = case
+    hidden = make(shape, dtype, 0)
+    residual = make(shape, dtype, 1, strided)
+    c1 = make(shape, dtype, 2, strided) if with_c1 else None
+    c2 = make(shape, dtype, 3, strided) if with_c2 else None
+    gate = make((shape[0], shape[-1]), dtype, 4, strided) if with_gate else None
+    gamma = None
+    if gamma_mode != "none" and (with_c1 or with_c2):
+        g = torch.linspace(-1.5, 2.0, 2 * shape[0], device=DEVICE)
+        if with_c2:
+            gamma = g[:2].contiguous() if gamma_mode == "shared" else g.reshape(shape[0], 2)
+        else:
+            gamma = torch.tensor(0.75, device=DEVICE) if gamma_mode == "shared" else g[: shape[0]].contiguous()
+    h64 = d(hidden)
+    R.apply_residual_(h64, d(residual), d(c1), d(gamma), d(c2), d(gate), acc=F64)
+    # Magnitude bound on the float32 terms: |h| + |gate| (|r| + |γ1 c1| + |γ2 c2|), γ <= 2.
+    terms = d(residual).abs() + sum(2 * d(c).abs() for c in (c1, c2) if c is not None)
+    if gate is not None:
+        terms = terms * d(gate).abs().reshape(shape[0], *[1] * (len(shape) - 2), shape[-1])
+    k_apply.apply_residual_(hidden, residual, c1, gamma, c2, gate, block=block)
+    assert_elementwise(hidden, h64, d(make(shape, dtype, 0)).abs() + terms, dtype, "hidden")
+
+
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
 def test_apply_residual_empty(shape):
     hidden = torch.empty(shape, device=DEVICE)
@@ -187,6 +225,32 @@ def test_store_residual(dtype, shape, strided, with_delta, blocking):
     delta = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE) if with_delta else None
     check_store(cache, delta, make(shape, dtype, 11, strided), make(shape, dtype, 12, strided),
                 blocking)
+
+
+@pytest.mark.parametrize("blocking", BLOCKINGS.values(), ids=BLOCKINGS.keys())
+@pytest.mark.parametrize("mode", ["no-inp", "delta2", "no-inp-delta2"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_store_residual_no_inp_and_delta2(dtype, shape, strided, mode, blocking):
+    cache, delta_old = make(shape, dtype, 10), make(shape, dtype, 13)
+    out = make(shape, dtype, 11, strided)
+    inp = None if "no-inp" in mode else make(shape, dtype, 12, strided)
+    delta = delta_old.clone()
+    delta2 = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE) if "delta2" in mode else None
+    old64, c64, dl64 = d(cache), d(cache), d(delta)
+    d2_64 = None if delta2 is None else d(delta2)
+    want = R.store_residual_(c64, dl64, d(out), d(inp), d2_64, acc=F64)
+    block, chunk = blocking
+    got = k_store.store_residual_(cache, delta, out, inp, delta2, block=block, chunk=chunk)
+    new_scale = d(out).abs() + (0 if inp is None else d(inp).abs())
+    assert_elementwise(cache, c64, new_scale, dtype, "cache")
+    assert_elementwise(delta, dl64, new_scale + old64.abs(), dtype, "delta")
+    if delta2 is not None:
+        assert_elementwise(delta2, d2_64, new_scale + old64.abs() + d(delta_old).abs(), dtype, "delta2")
+    lin = per_sample_sum(new_scale + old64.abs())
+    quad = per_sample_sum((new_scale + old64.abs()) ** 2)
+    assert_stats(got, want, torch.stack([lin, lin, quad, quad], 1), "store_residual_ stats")
 
 
 def test_store_residual_unchanged_residual_gives_zero_change():

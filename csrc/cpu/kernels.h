@@ -16,19 +16,26 @@ enum class DType { F32, F16, BF16 };
 // float32 sums depends on the shape alone.
 constexpr int64_t kChunk = 16384;
 
-// apply_residual_: hidden[i] += residual[i] + gamma[b] * correction[i].
+// apply_residual_: hidden[i] += gate[b, i % D] * (residual[i] + g1 * correction[i]
+// + g2 * correction2[i]), each absent term dropped, in float32 (see reference.py).
 struct ApplyArgs {
   void* hidden;
   const void* residual;
-  const void* correction;  // null: no correction term
-  const float* gamma;      // null: gamma = 1
-  bool gamma_per_sample;   // gamma has shape [B] (else [])
-  int64_t per_sample;      // N: elements per sample
+  const void* correction;   // null: no first-order term
+  const void* correction2;  // null: no second-order term
+  const void* gate;         // null: gate = 1; else contiguous [B, gate_dim]
+  const float* gamma;       // null: g1 = g2 = 1
+  int64_t gamma_stride;     // floats between samples' gammas (0: shared by all samples)
+  int gamma_count;          // 1: gamma holds g1; 2: (g1, g2)
+  int64_t gate_dim;         // D: hidden's last dim (with a gate)
+  int64_t per_sample;       // N: elements per sample
   DType dtype;
 };
 
 // Reductions over one sample's elements [begin, end), writing K float32 partials.
-//   store_residual_:  x0 = out, x1 = inp, w0 = cache (read then written), w1 = delta or null
+//   store_residual_:  x0 = out, x1 = inp or null (new = out), w0 = cache (read then
+//                     written), w1 = delta or null, w2 = delta2 or null (needs w1; reads
+//                     the old delta before w1 is written)
 //   trajectory_stats: x0 = x_next, x1 = x, x2 = x_prev
 //   rel_l1:           x0 = a, x1 = b
 struct ReduceArgs {
@@ -37,14 +44,20 @@ struct ReduceArgs {
   const void* x2;
   void* w0;
   void* w1;
+  void* w2;
   DType dtype;
+  bool stream = false;  // write the write-only outputs around the caches (large calls)
 };
+
+// Tensors at least this large (bytes) are far outside the last-level cache: their
+// write-only outputs are stored non-temporally.
+constexpr int64_t kStreamBytes = int64_t{32} << 20;
 
 using ApplyFn = void (*)(const ApplyArgs&, int64_t begin, int64_t end);
 using ReduceFn = void (*)(const ReduceArgs&, int64_t begin, int64_t end, float* partials);
 
 struct KernelTable {
-  const char* isa;  // "avx2" or "baseline"
+  const char* isa;  // "avx512", "avx2" or "baseline"
   ApplyFn apply_residual;
   ReduceFn store_residual;    // 4 partials
   ReduceFn trajectory_stats;  // 3 partials
@@ -53,5 +66,8 @@ struct KernelTable {
 
 // The fastest table this CPU supports, chosen once.
 const KernelTable& kernels();
+
+// Name of the chosen table ("avx512", "avx2" or "baseline").
+inline const char* isa() { return kernels().isa; }
 
 }  // namespace omnicache::cpu

@@ -1,11 +1,11 @@
-// Kernel bodies, included twice by kernels.cpp: once for the baseline ISA and once
-// under `#pragma GCC target("avx2,fma")`. Plain loops over fixed-width lanes
-// that GCC vectorises at -O3; everything is computed in float32.
+// Kernel bodies, included three times by kernels.cpp: for the baseline ISA, under
+// `#pragma GCC target("avx2,fma,f16c")` and under the AVX-512 target. Everything is
+// computed in float32 on explicit 16-lane vectors (GCC vector extensions: one zmm
+// register with AVX-512, two ymm with AVX2, four xmm on the baseline), so every ISA
+// runs the same lanes in the same order and gives the same bits.
 // No include guard and no includes on purpose: see kernels.cpp.
 
-// Storage types: float, and half and bf16 as raw bits. The conversions are branch-free
-// bit arithmetic (exact, round-to-nearest-even, subnormals, inf and NaN included) so
-// that GCC vectorises them like the float loops.
+// Storage types: float, and half and bf16 as raw bits.
 struct F16 {
   uint16_t bits;
 };
@@ -13,145 +13,384 @@ struct BF16 {
   uint16_t bits;
 };
 
-inline float bits_to_float(uint32_t u) {
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(4 * kLanes)));     // 16 floats
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));  // 16 float bit patterns
+typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));  // 16 half/bf16 bit patterns
+
+#define OMNICACHE_INLINE inline __attribute__((always_inline))
+
+OMNICACHE_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
-inline uint32_t float_to_bits(float f) {
+OMNICACHE_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
 
-inline float to_float(float v) { return v; }
-inline float to_float(BF16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
-inline float to_float(F16 v) {
+// ------------------------------------------------------------ conversions
+// Branch-free bit arithmetic, written once for a scalar (U = uint32_t, F = float) and
+// for a vector (U = vu, F = vf): exact widening; narrowing rounds to nearest even with
+// subnormals, overflow to inf, inf and NaN as c10::Half / c10::BFloat16.
+template <class U, class F>
+OMNICACHE_INLINE U as_bits(F f) {
+  if constexpr (sizeof(F) == 4) {
+    return float_to_bits(f);
+  } else {
+    return (U)f;  // same-size vector cast: the bits
+  }
+}
+template <class F, class U>
+OMNICACHE_INLINE F as_float(U u) {
+  if constexpr (sizeof(U) == 4) {
+    return bits_to_float(u);
+  } else {
+    return (F)u;
+  }
+}
+// c ? a : b, elementwise (c is a comparison result).
+template <class C, class U>
+OMNICACHE_INLINE U select(C c, U a, U b) {
+  return c ? a : b;  // on vectors: GCC's elementwise conditional
+}
+
+template <class F, class U>
+OMNICACHE_INLINE F half_bits_to_float(U h) {
   // Shift exponent and mantissa into place and rebias by 2^112 (= 2^(127-15)): exact
   // for normals and subnormals; inf/NaN get the all-ones exponent.
-  const uint32_t h = v.bits;
-  const uint32_t shifted = (h & 0x7FFFu) << 13;
-  const float finite = bits_to_float(shifted) * 0x1p112f;
-  const uint32_t magnitude = (h & 0x7C00u) == 0x7C00u ? (shifted | 0x7F800000u) : float_to_bits(finite);
-  return bits_to_float(magnitude | ((h & 0x8000u) << 16));
+  const U shifted = (h & 0x7FFFu) << 13;
+  const F finite = as_float<F>(shifted) * 0x1p112f;
+  const U inf_nan = shifted | 0x7F800000u;
+  const U magnitude = select((h & 0x7C00u) == 0x7C00u, inf_nan, as_bits<U>(finite));
+  return as_float<F>(magnitude | ((h & 0x8000u) << 16));
 }
+
+template <class U, class F>
+OMNICACHE_INLINE U float_to_half_bits(F f) {
+  // Round to nearest even (F. Giesen's float_to_half_fast3_rtne, all paths selected).
+  const U all = as_bits<U>(f);
+  const U sign = (all >> 16) & 0x8000u;
+  const U u = all & 0x7FFFFFFFu;
+  const U nan_inf = select(u > 0x7F800000u, U{} + 0x7E00u, U{} + 0x7C00u);
+  constexpr uint32_t kDenormMagic = ((127 - 15) + (23 - 10) + 1) << 23;  // 0.5f * 2^-13
+  const U subnormal =
+      as_bits<U>(as_float<F>(u) + bits_to_float(kDenormMagic)) - kDenormMagic;
+  const U normal = (u + (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu + ((u >> 13) & 1u)) >> 13;
+  const U magnitude =
+      select(u >= (143u << 23), nan_inf, select(u < (113u << 23), subnormal, normal));
+  return magnitude | sign;
+}
+
+template <class F, class U>
+OMNICACHE_INLINE F bf16_bits_to_float(U h) {
+  return as_float<F>(h << 16);
+}
+
+template <class U, class F>
+OMNICACHE_INLINE U float_to_bf16_bits(F f) {
+  // Round to nearest even, quiet NaN for NaN (as c10::BFloat16).
+  const U u = as_bits<U>(f);
+  const U rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return select(f != f, U{} + 0x7FC0u, rounded);
+}
+
+// ------------------------------------------------------------ loads and stores
+// load(p, i, tag) / store(p, i, v, tag): one element (One) or kLanes elements (Vec)
+// starting at p[i], converted to / from float32. Unaligned vector accesses.
+struct One {};
+struct Vec {};
+
+OMNICACHE_INLINE float load(const float* p, int64_t i, One) { return p[i]; }
+OMNICACHE_INLINE float load(const BF16* p, int64_t i, One) {
+  return bf16_bits_to_float<float>(static_cast<uint32_t>(p[i].bits));
+}
+OMNICACHE_INLINE float load(const F16* p, int64_t i, One) {
+  return half_bits_to_float<float>(static_cast<uint32_t>(p[i].bits));
+}
+OMNICACHE_INLINE void store(float* p, int64_t i, float v, One) { p[i] = v; }
+OMNICACHE_INLINE void store(BF16* p, int64_t i, float v, One) {
+  p[i].bits = static_cast<uint16_t>(float_to_bf16_bits<uint32_t>(v));
+}
+OMNICACHE_INLINE void store(F16* p, int64_t i, float v, One) {
+  p[i].bits = static_cast<uint16_t>(float_to_half_bits<uint32_t>(v));
+}
+
+OMNICACHE_INLINE vf load(const float* p, int64_t i, Vec) {
+  vf v;
+  std::memcpy(&v, p + i, sizeof v);
+  return v;
+}
+OMNICACHE_INLINE void store(float* p, int64_t i, vf v, Vec) { std::memcpy(p + i, &v, sizeof v); }
+
+OMNICACHE_INLINE vu load_bits(const void* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vu);
+}
+OMNICACHE_INLINE void store_bits(void* p, vu u) {
+  const vh h = __builtin_convertvector(u, vh);  // keeps the low 16 bits of each lane
+  std::memcpy(p, &h, sizeof h);
+}
+
+OMNICACHE_INLINE vf load(const BF16* p, int64_t i, Vec) {
+  return bf16_bits_to_float<vf>(load_bits(p + i));
+}
+OMNICACHE_INLINE void store(BF16* p, int64_t i, vf v, Vec) {
+  store_bits(p + i, float_to_bf16_bits<vu>(v));
+}
+
+#if defined(OMNICACHE_F16C_512)
+// vcvtph2ps / vcvtps2ph: exact, round to nearest even (the bit arithmetic's results).
+OMNICACHE_INLINE vf load(const F16* p, int64_t i, Vec) {
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+}
+OMNICACHE_INLINE void store(F16* p, int64_t i, vf v, Vec) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i),
+                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#elif defined(OMNICACHE_F16C_256)
+OMNICACHE_INLINE vf load(const F16* p, int64_t i, Vec) {
+  const __m128i* q = reinterpret_cast<const __m128i*>(p + i);
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(q));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(q + 1));
+  vf v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+}
+OMNICACHE_INLINE void store(F16* p, int64_t i, vf v, Vec) {
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  __m128i* q = reinterpret_cast<__m128i*>(p + i);
+  _mm_storeu_si128(q, _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(q + 1, _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+OMNICACHE_INLINE vf load(const F16* p, int64_t i, Vec) {
+  return half_bits_to_float<vf>(load_bits(p + i));
+}
+OMNICACHE_INLINE void store(F16* p, int64_t i, vf v, Vec) {
+  store_bits(p + i, float_to_half_bits<vu>(v));
+}
+#endif
+
+// store_stream: like store, but a vector whose address is aligned to its size goes
+// around the caches (non-temporal) on AVX2/AVX-512, for outputs that are only written
+// (no read-for-ownership of lines that are overwritten whole). Same bits as store.
+#if defined(OMNICACHE_F16C_512) || defined(OMNICACHE_F16C_256)
+#define OMNICACHE_STREAM_STORES 1
+OMNICACHE_INLINE void stream_vec(float* p, vf v) {
+#if defined(OMNICACHE_F16C_512)
+  _mm512_stream_ps(p, (__m512)v);
+#else
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  _mm256_stream_ps(p, lo);
+  _mm256_stream_ps(p + 8, hi);
+#endif
+}
+OMNICACHE_INLINE void stream_vec(BF16* p, vf v) {
+  const vh h = __builtin_convertvector(float_to_bf16_bits<vu>(v), vh);
+  __m256i raw;
+  std::memcpy(&raw, &h, 32);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), raw);
+}
+OMNICACHE_INLINE void stream_vec(F16* p, vf v) {
+  F16 tmp[kLanes];
+  store(tmp, 0, v, Vec{});  // the F16C conversion, then one aligned streaming store
+  __m256i raw;
+  std::memcpy(&raw, tmp, 32);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), raw);
+}
+#endif
 
 template <class T>
-inline T from_float(float f);
-template <>
-inline float from_float<float>(float f) { return f; }
-template <>
-inline BF16 from_float<BF16>(float f) {
-  // Round to nearest even, quiet NaN for NaN (as c10::BFloat16).
-  const uint32_t u = float_to_bits(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return BF16{static_cast<uint16_t>(f != f ? 0x7FC0u : rounded)};
+OMNICACHE_INLINE void store_stream(T* p, int64_t i, float v, One) {
+  store(p, i, v, One{});
 }
-template <>
-inline F16 from_float<F16>(float f) {
-  // Round to nearest even (F. Giesen's float_to_half_fast3_rtne, all paths selected).
-  const uint32_t all = float_to_bits(f);
-  const uint32_t sign = (all >> 16) & 0x8000u;
-  const uint32_t u = all & 0x7FFFFFFFu;
-  const uint32_t overflow = u > 0x7F800000u ? 0x7E00u : 0x7C00u;          // NaN : inf
-  constexpr uint32_t kDenormMagic = ((127 - 15) + (23 - 10) + 1) << 23;  // 0.5f * 2^-13
-  const uint32_t subnormal =
-      float_to_bits(bits_to_float(u) + bits_to_float(kDenormMagic)) - kDenormMagic;
-  const uint32_t normal = (u + (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu + ((u >> 13) & 1u)) >> 13;
-  const uint32_t magnitude = u >= (143u << 23) ? overflow : (u < (113u << 23) ? subnormal : normal);
-  return F16{static_cast<uint16_t>(magnitude | sign)};
+template <class T>
+OMNICACHE_INLINE void store_stream(T* p, int64_t i, vf v, Vec) {
+#ifdef OMNICACHE_STREAM_STORES
+  if ((reinterpret_cast<uintptr_t>(p + i) & (sizeof(T) * kLanes - 1)) == 0) {
+    stream_vec(p + i, v);
+    return;
+  }
+#endif
+  store(p, i, v, Vec{});
 }
 
-constexpr int kLanes = 16;
+// Orders the streaming stores before whatever the caller does next.
+OMNICACHE_INLINE void stream_fence(bool streamed) {
+#ifdef OMNICACHE_STREAM_STORES
+  if (streamed) _mm_sfence();
+#else
+  (void)streamed;
+#endif
+}
 
-// Sum of `v` over lanes in a fixed pairwise order.
-inline float lane_sum(const float* v) {
-  float s8[8], s4[4];
-  for (int j = 0; j < 8; ++j) s8[j] = v[j] + v[j + 8];
+OMNICACHE_INLINE float abs_f(float x) { return std::fabs(x); }
+OMNICACHE_INLINE vf abs_f(vf x) { return (vf)((vu)x & 0x7FFFFFFFu); }
+
+// ------------------------------------------------------------ reductions
+// Sum of the 16 lanes in a fixed pairwise order.
+OMNICACHE_INLINE float lane_sum(vf v) {
+  float l[kLanes], s8[8], s4[4];
+  std::memcpy(l, &v, sizeof l);
+  for (int j = 0; j < 8; ++j) s8[j] = l[j] + l[j + 8];
   for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-// Accumulates body(i, terms) over [begin, end) in kLanes float32 lanes, then folds
-// the lanes and the tail in a fixed order into partials[0..K).
+// Accumulates body(i, tag, terms) over [begin, end): element begin + 16m + j goes to
+// lane j; the tail (fewer than 16) to one scalar sum; then lanes and tail fold in a
+// fixed order into partials[0..K). body computes the same float32 arithmetic on a
+// vector (Vec) as on one element (One).
 template <int K, class Body>
-inline void reduce_lanes(int64_t begin, int64_t end, float* partials, Body body) {
-  float acc[K][kLanes] = {};
+OMNICACHE_INLINE void reduce_lanes(int64_t begin, int64_t end, float* partials, Body body) {
+  vf acc[K] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      float t[K];
-      body(i + j, t);
-      for (int k = 0; k < K; ++k) acc[k][j] += t[k];
-    }
+    vf t[K];
+    body(i, Vec{}, t);
+    for (int k = 0; k < K; ++k) acc[k] += t[k];
   }
   float tail[K] = {};
   for (; i < end; ++i) {
     float t[K];
-    body(i, t);
+    body(i, One{}, t);
     for (int k = 0; k < K; ++k) tail[k] += t[k];
   }
   for (int k = 0; k < K; ++k) partials[k] = lane_sum(acc[k]) + tail[k];
 }
 
-template <class T>
-void apply_residual_t(const ApplyArgs& a, int64_t begin, int64_t end) {
+// Runs body(i, tag) on [begin, end): vectors, then single elements.
+template <class Body>
+OMNICACHE_INLINE void for_each(int64_t begin, int64_t end, Body body) {
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) body(i, Vec{});
+  for (; i < end; ++i) body(i, One{});
+}
+
+// ------------------------------------------------------------ apply_residual_
+// hidden[i] += gate[i - i0] * (residual[i] + g1 * c1[i] + g2 * c2[i]) on [i0, i1).
+template <class T, bool C1, bool C2, bool GATE>
+void apply_span(const ApplyArgs& a, int64_t i0, int64_t i1, float g1, float g2, const T* gate) {
   T* h = static_cast<T*>(a.hidden);
   const T* r = static_cast<const T*>(a.residual);
-  const T* c = static_cast<const T*>(a.correction);
-  // Walk the range one sample segment at a time so gamma is a constant per loop.
+  const T* c1 = static_cast<const T*>(a.correction);
+  const T* c2 = static_cast<const T*>(a.correction2);
+  for_each(i0, i1, [&](int64_t i, auto tag) {
+    auto s = load(r, i, tag);
+    if constexpr (C1) s = s + g1 * load(c1, i, tag);
+    if constexpr (C2) s = s + g2 * load(c2, i, tag);
+    if constexpr (GATE) s = s * load(gate, i - i0, tag);
+    store(h, i, load(h, i, tag) + s, tag);
+  });
+}
+
+template <class T, bool C1, bool C2, bool GATE>
+void apply_residual_impl(const ApplyArgs& a, int64_t begin, int64_t end) {
+  const T* gate = static_cast<const T*>(a.gate);
+  // Walk one sample (and with a gate one row of D) at a time: gamma and the gate row
+  // are fixed inside each span.
   for (int64_t s = begin; s < end;) {
     const int64_t b = s / a.per_sample;
-    const int64_t e = std::min(end, (b + 1) * a.per_sample);
-    if (c == nullptr) {
-      for (int64_t i = s; i < e; ++i) h[i] = from_float<T>(to_float(h[i]) + to_float(r[i]));
-    } else {
-      const float g = a.gamma == nullptr ? 1.0f : a.gamma[a.gamma_per_sample ? b : 0];
-      for (int64_t i = s; i < e; ++i)
-        h[i] = from_float<T>(to_float(h[i]) + (to_float(r[i]) + g * to_float(c[i])));
+    const int64_t sample_end = std::min(end, (b + 1) * a.per_sample);
+    float g1 = 1.0f, g2 = 1.0f;
+    if (a.gamma != nullptr) {
+      g1 = a.gamma[b * a.gamma_stride];
+      if (a.gamma_count == 2) g2 = a.gamma[b * a.gamma_stride + 1];
     }
-    s = e;
+    if constexpr (GATE) {
+      while (s < sample_end) {
+        const int64_t col = (s - b * a.per_sample) % a.gate_dim;
+        const int64_t e = std::min(sample_end, s + (a.gate_dim - col));
+        apply_span<T, C1, C2, GATE>(a, s, e, g1, g2, gate + b * a.gate_dim + col);
+        s = e;
+      }
+    } else {
+      apply_span<T, C1, C2, GATE>(a, s, sample_end, g1, g2, nullptr);
+      s = sample_end;
+    }
   }
 }
 
-// HAS_DELTA is a template flag so the delta test is not inside the vector loop.
-template <class T, bool HAS_DELTA>
+template <class T>
+void apply_residual_t(const ApplyArgs& a, int64_t begin, int64_t end) {
+  const int mode = (a.correction != nullptr) | (a.correction2 != nullptr) << 1 | (a.gate != nullptr) << 2;
+  switch (mode) {
+    case 0: return apply_residual_impl<T, false, false, false>(a, begin, end);
+    case 1: return apply_residual_impl<T, true, false, false>(a, begin, end);
+    case 2: return apply_residual_impl<T, false, true, false>(a, begin, end);
+    case 3: return apply_residual_impl<T, true, true, false>(a, begin, end);
+    case 4: return apply_residual_impl<T, false, false, true>(a, begin, end);
+    case 5: return apply_residual_impl<T, true, false, true>(a, begin, end);
+    case 6: return apply_residual_impl<T, false, true, true>(a, begin, end);
+    default: return apply_residual_impl<T, true, true, true>(a, begin, end);
+  }
+}
+
+// ------------------------------------------------------------ store_residual_
+// INP, DELTA, DELTA2 are template flags so no test sits inside the vector loop. With
+// a.stream, the outputs that are only written (delta2; delta without delta2) bypass
+// the caches.
+template <class T, bool INP, bool DELTA, bool DELTA2>
 void store_residual_impl(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) {
   const T* out = static_cast<const T*>(a.x0);
   const T* inp = static_cast<const T*>(a.x1);
   T* cache = static_cast<T*>(a.w0);
   T* delta = static_cast<T*>(a.w1);
-  reduce_lanes<4>(begin, end, partials, [&](int64_t i, float* t) {
-    const float nw = to_float(out[i]) - to_float(inp[i]);
-    const float old = to_float(cache[i]);
-    const float d = nw - old;
-    cache[i] = from_float<T>(nw);
-    if constexpr (HAS_DELTA) delta[i] = from_float<T>(d);
-    t[0] = std::fabs(d);
-    t[1] = std::fabs(old);
+  T* delta2 = static_cast<T*>(a.w2);
+  const bool stream = a.stream;
+  reduce_lanes<4>(begin, end, partials, [&](int64_t i, auto tag, auto* t) {
+    auto nw = load(out, i, tag);
+    if constexpr (INP) nw = nw - load(inp, i, tag);
+    const auto old = load(cache, i, tag);
+    const auto d = nw - old;
+    if constexpr (DELTA2) {
+      const auto d2 = d - load(delta, i, tag);
+      stream ? store_stream(delta2, i, d2, tag) : store(delta2, i, d2, tag);
+      store(delta, i, d, tag);
+    } else if constexpr (DELTA) {
+      stream ? store_stream(delta, i, d, tag) : store(delta, i, d, tag);
+    }
+    store(cache, i, nw, tag);
+    t[0] = abs_f(d);
+    t[1] = abs_f(old);
     t[2] = d * d;
     t[3] = old * old;
   });
+  stream_fence(stream);
 }
 
 template <class T>
 void store_residual_t(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) {
-  if (a.w1 != nullptr) {
-    store_residual_impl<T, true>(a, begin, end, partials);
-  } else {
-    store_residual_impl<T, false>(a, begin, end, partials);
+  const int mode = (a.x1 != nullptr) | (a.w1 != nullptr) << 1 | (a.w2 != nullptr) << 2;
+  switch (mode) {
+    case 0: return store_residual_impl<T, false, false, false>(a, begin, end, partials);
+    case 1: return store_residual_impl<T, true, false, false>(a, begin, end, partials);
+    case 2: return store_residual_impl<T, false, true, false>(a, begin, end, partials);
+    case 3: return store_residual_impl<T, true, true, false>(a, begin, end, partials);
+    case 6: return store_residual_impl<T, false, true, true>(a, begin, end, partials);
+    default: return store_residual_impl<T, true, true, true>(a, begin, end, partials);
   }
 }
 
+// ------------------------------------------------------------ statistics
 template <class T>
 void trajectory_stats_t(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) {
   const T* xn = static_cast<const T*>(a.x0);
   const T* x = static_cast<const T*>(a.x1);
   const T* xp = static_cast<const T*>(a.x2);
-  reduce_lanes<3>(begin, end, partials, [&](int64_t i, float* t) {
-    const float xc = to_float(x[i]);
-    const float v1 = to_float(xn[i]) - xc;
-    const float v0 = xc - to_float(xp[i]);
+  reduce_lanes<3>(begin, end, partials, [&](int64_t i, auto tag, auto* t) {
+    const auto xc = load(x, i, tag);
+    const auto v1 = load(xn, i, tag) - xc;
+    const auto v0 = xc - load(xp, i, tag);
     t[0] = v1 * v1;
     t[1] = v0 * v0;
     t[2] = v1 * v0;
@@ -162,10 +401,10 @@ template <class T>
 void rel_l1_t(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) {
   const T* x = static_cast<const T*>(a.x0);
   const T* y = static_cast<const T*>(a.x1);
-  reduce_lanes<2>(begin, end, partials, [&](int64_t i, float* t) {
-    const float yv = to_float(y[i]);
-    t[0] = std::fabs(to_float(x[i]) - yv);
-    t[1] = std::fabs(yv);
+  reduce_lanes<2>(begin, end, partials, [&](int64_t i, auto tag, auto* t) {
+    const auto yv = load(y, i, tag);
+    t[0] = abs_f(load(x, i, tag) - yv);
+    t[1] = abs_f(yv);
   });
 }
 
@@ -184,3 +423,4 @@ OMNICACHE_CPU_ENTRY(store_residual, ReduceArgs, float* partials)
 OMNICACHE_CPU_ENTRY(trajectory_stats, ReduceArgs, float* partials)
 OMNICACHE_CPU_ENTRY(rel_l1, ReduceArgs, float* partials)
 #undef OMNICACHE_CPU_ENTRY
+#undef OMNICACHE_INLINE

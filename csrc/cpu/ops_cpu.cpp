@@ -50,19 +50,33 @@ at::Tensor chunked_reduce(const at::Tensor& like, cpu::ReduceFn fn, const cpu::R
   return result;
 }
 
-void apply_residual_cpu(at::Tensor hidden, const at::Tensor& residual,
+// The C++ signature of every kernel is the same on CPU and CUDA (csrc/cuda/ops_cuda.cpp):
+// a CUDA torch aborts `import omnicache._C` when two keys register one op with different
+// C++ function types (tests/test_kernel_signatures.py keeps them equal).
+void apply_residual_cpu(const at::Tensor& hidden, const at::Tensor& residual,
                         const std::optional<at::Tensor>& correction,
-                        const std::optional<at::Tensor>& gamma) {
-  check_apply_residual(hidden, residual, correction, gamma);
+                        const std::optional<at::Tensor>& gamma,
+                        const std::optional<at::Tensor>& correction2,
+                        const std::optional<at::Tensor>& gate) {
+  check_apply_residual(hidden, residual, correction, gamma, correction2, gate);
   if (hidden.numel() == 0) return;
   const at::Tensor r = residual.contiguous();
-  const at::Tensor c = correction ? correction->contiguous() : at::Tensor();
+  const at::Tensor c1 = correction ? correction->contiguous() : at::Tensor();
+  const at::Tensor c2 = correction2 ? correction2->contiguous() : at::Tensor();
+  const at::Tensor gt = gate ? gate->contiguous() : at::Tensor();
   const at::Tensor g = gamma ? gamma->contiguous() : at::Tensor();
+  // gamma: [] or [2] shared by every sample, [B] or [B, 2] per sample (checks.cpp).
+  const int gamma_count = correction2 ? 2 : 1;
+  const bool per_sample_gamma = g.defined() && g.dim() == (correction2 ? 2 : 1);
   const cpu::ApplyArgs args{hidden.data_ptr(),
                             r.data_ptr(),
-                            c.defined() ? c.data_ptr() : nullptr,
+                            c1.defined() ? c1.data_ptr() : nullptr,
+                            c2.defined() ? c2.data_ptr() : nullptr,
+                            gt.defined() ? gt.data_ptr() : nullptr,
                             g.defined() ? g.data_ptr<float>() : nullptr,
-                            g.defined() && g.dim() == 1,
+                            per_sample_gamma ? gamma_count : 0,
+                            gamma_count,
+                            hidden.size(-1),
                             per_sample(hidden),
                             to_dtype(hidden.scalar_type())};
   const auto fn = cpu::kernels().apply_residual;
@@ -70,12 +84,20 @@ void apply_residual_cpu(at::Tensor hidden, const at::Tensor& residual,
                    [&](int64_t begin, int64_t end) { fn(args, begin, end); });
 }
 
-at::Tensor store_residual_cpu(at::Tensor cache, const std::optional<at::Tensor>& delta,
-                              const at::Tensor& out, const at::Tensor& inp) {
-  check_store_residual(cache, delta, out, inp);
-  const at::Tensor o = out.contiguous(), i = inp.contiguous();
-  const cpu::ReduceArgs args{o.data_ptr(), i.data_ptr(), nullptr, cache.data_ptr(),
-                             delta ? delta->data_ptr() : nullptr, to_dtype(cache.scalar_type())};
+at::Tensor store_residual_cpu(const at::Tensor& cache, const std::optional<at::Tensor>& delta,
+                              const at::Tensor& out, const std::optional<at::Tensor>& inp,
+                              const std::optional<at::Tensor>& delta2) {
+  check_store_residual(cache, delta, out, inp, delta2);
+  const at::Tensor o = out.contiguous();
+  const at::Tensor i = inp ? inp->contiguous() : at::Tensor();
+  const cpu::ReduceArgs args{o.data_ptr(),
+                             i.defined() ? i.data_ptr() : nullptr,
+                             nullptr,
+                             cache.data_ptr(),
+                             delta ? delta->data_ptr() : nullptr,
+                             delta2 ? delta2->data_ptr() : nullptr,
+                             to_dtype(cache.scalar_type()),
+                             static_cast<int64_t>(cache.nbytes()) >= cpu::kStreamBytes};
   return chunked_reduce<4>(cache, cpu::kernels().store_residual, args);
 }
 
@@ -84,14 +106,14 @@ at::Tensor trajectory_stats_cpu(const at::Tensor& x_next, const at::Tensor& x,
   check_trajectory_stats(x_next, x, x_prev);
   const at::Tensor a = x_next.contiguous(), b = x.contiguous(), c = x_prev.contiguous();
   const cpu::ReduceArgs args{a.data_ptr(), b.data_ptr(), c.data_ptr(), nullptr, nullptr,
-                             to_dtype(x.scalar_type())};
+                             nullptr, to_dtype(x.scalar_type())};
   return chunked_reduce<3>(x, cpu::kernels().trajectory_stats, args);
 }
 
 at::Tensor rel_l1_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_rel_l1(a, b);
   const at::Tensor x = a.contiguous(), y = b.contiguous();
-  const cpu::ReduceArgs args{x.data_ptr(), y.data_ptr(), nullptr, nullptr, nullptr,
+  const cpu::ReduceArgs args{x.data_ptr(), y.data_ptr(), nullptr, nullptr, nullptr, nullptr,
                              to_dtype(a.scalar_type())};
   return chunked_reduce<2>(a, cpu::kernels().rel_l1, args);
 }

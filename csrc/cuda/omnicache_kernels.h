@@ -53,26 +53,36 @@ inline size_t reduction_workspace_bytes(int64_t batch, int64_t per_sample, int n
 
 // In-place residual application.
 //
-//     hidden[b, i] = round(hidden[b, i] + residual[b, i] + g[b] * correction[b, i])
+//     s = residual[b, i]
+//     s = s + g1[b] * correction[b, i]        (if correction is not null)
+//     s = s + g2[b] * correction2[b, i]       (if correction2 is not null)
+//     s = s * gate[b, i % gate_dim]           (if gate is not null)
+//     hidden[b, i] = round(hidden[b, i] + s)
 //
-// with g[b] = gamma[b] if gamma_per_sample, gamma[0] if gamma is a scalar, 1 if gamma
-// is null; the correction term is dropped when correction is null. Sums in float32
-// (h + r first, then fmaf(g, c, h + r)), one rounding to `dtype`.
+// in float32, each product and sum rounded on its own (no FMA: the CPU kernels give
+// the same bits), one rounding to `dtype`. g1[b] = gamma[b * gamma_stride] and, when
+// gamma_count == 2, g2[b] = gamma[b * gamma_stride + 1]; both 1 when gamma is null.
 //
 // Parameters
 // ----------
 // hidden : dtype [batch, per_sample], read and written.
-// residual, correction : dtype [batch, per_sample]; correction may be null.
-// gamma : float32 [batch] (gamma_per_sample) or [] (scalar), or null; non-null only
-//     with a correction.
-// Bytes moved: 4 * batch * per_sample * sizeof(dtype) (3 without correction).
+// residual, correction, correction2 : dtype [batch, per_sample]; the corrections may be null.
+// gate : dtype [batch, gate_dim] or null; per_sample is a multiple of gate_dim (hidden
+//     is [batch, ..., gate_dim]).
+// gamma : float32, or null (then no correction needs it); non-null only with a
+//     correction. gamma_stride: 0 (one set for all samples) or gamma_count (per sample);
+//     gamma_count: 1 (g1) or 2 (g1, g2; required with correction2).
+// Bytes moved: (3 + corrections) * batch * per_sample * sizeof(dtype), plus the gate.
 cudaError_t apply_residual(void* hidden, const void* residual, const void* correction,
-                           const float* gamma, bool gamma_per_sample, int64_t batch,
-                           int64_t per_sample, DType dtype, cudaStream_t stream);
+                           const void* correction2, const void* gate, const float* gamma,
+                           int64_t gamma_stride, int gamma_count, int64_t gate_dim,
+                           int64_t batch, int64_t per_sample, DType dtype, cudaStream_t stream);
 
-// Store a block's residual, optionally its drift, and return change statistics.
+// Store a block's residual (or a branch's output), its drift and the drift's change,
+// and return change statistics.
 //
-//     new = out - inp;  old = cache;  d = new - old           (float32, unrounded)
+//     new = out - inp  (new = out if inp is null);  old = cache;  d = new - old
+//     delta2 = round(d - delta)    (if delta2 is not null; reads delta before writing it)
 //     delta = round(d)             (if delta is not null)
 //     cache = round(new)
 //     stats[b] = [sum |d|, sum |old|, sum d^2, sum old^2]     (over the sample's elements)
@@ -80,15 +90,17 @@ cudaError_t apply_residual(void* hidden, const void* residual, const void* corre
 // Parameters
 // ----------
 // cache : dtype [batch, per_sample], read and written.
-// delta : dtype [batch, per_sample] or null, written.
-// out, inp : dtype [batch, per_sample].
+// delta : dtype [batch, per_sample] or null, written (and read with delta2).
+// delta2 : dtype [batch, per_sample] or null (needs delta), written.
+// out, inp : dtype [batch, per_sample]; inp may be null.
 // stats : float32 [batch, 4], written.
 // workspace : at least reduction_workspace_bytes(batch, per_sample, 4) bytes, 4-byte
 //     aligned (may be null when that is 0).
-// Bytes moved: (4 or 5) * batch * per_sample * sizeof(dtype).
-cudaError_t store_residual(void* cache, void* delta, const void* out, const void* inp,
-                           int64_t batch, int64_t per_sample, DType dtype, float* stats,
-                           void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// Bytes moved: (reads + writes) * batch * per_sample * sizeof(dtype), 3 to 7.
+cudaError_t store_residual(void* cache, void* delta, void* delta2, const void* out,
+                           const void* inp, int64_t batch, int64_t per_sample, DType dtype,
+                           float* stats, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);
 
 // Trajectory statistics of three consecutive points.
 //

@@ -64,36 +64,46 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 void apply_residual_cuda(const at::Tensor& hidden, const at::Tensor& residual,
                          const std::optional<at::Tensor>& correction,
-                         const std::optional<at::Tensor>& gamma) {
-  check_apply_residual(hidden, residual, correction, gamma);
+                         const std::optional<at::Tensor>& gamma,
+                         const std::optional<at::Tensor>& correction2,
+                         const std::optional<at::Tensor>& gate) {
+  check_apply_residual(hidden, residual, correction, gamma, correction2, gate);
   if (hidden.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor r = residual.contiguous();
-  const at::Tensor c = correction ? correction->contiguous() : at::Tensor();
+  const at::Tensor c1 = correction ? correction->contiguous() : at::Tensor();
+  const at::Tensor c2 = correction2 ? correction2->contiguous() : at::Tensor();
+  const at::Tensor gt = gate ? gate->contiguous() : at::Tensor();
   const at::Tensor g = gamma ? gamma->contiguous() : at::Tensor();
+  // gamma: [] or [2] shared by every sample, [B] or [B, 2] per sample (checks.cpp).
+  const int gamma_count = correction2 ? 2 : 1;
+  const bool per_sample_gamma = g.defined() && g.dim() == (correction2 ? 2 : 1);
   const cudaError_t err = kernels::apply_residual(
-      hidden.data_ptr(), r.data_ptr(), data_or_null(c),
-      g.defined() ? g.data_ptr<float>() : nullptr, g.defined() && g.dim() == 1, hidden.size(0),
-      per_sample(hidden), dtype_of(hidden), current_stream());
+      hidden.data_ptr(), r.data_ptr(), data_or_null(c1), data_or_null(c2), data_or_null(gt),
+      g.defined() ? g.data_ptr<float>() : nullptr, per_sample_gamma ? gamma_count : 0,
+      gamma_count, hidden.size(-1), hidden.size(0), per_sample(hidden), dtype_of(hidden),
+      current_stream());
   check_launch(err, "apply_residual_");
 }
 
 at::Tensor store_residual_cuda(const at::Tensor& cache, const std::optional<at::Tensor>& delta,
-                               const at::Tensor& out, const at::Tensor& inp) {
-  check_store_residual(cache, delta, out, inp);
+                               const at::Tensor& out, const std::optional<at::Tensor>& inp,
+                               const std::optional<at::Tensor>& delta2) {
+  check_store_residual(cache, delta, out, inp, delta2);
   const c10::cuda::CUDAGuard guard(cache.device());
   if (cache.numel() == 0) {
     return at::zeros({cache.size(0), kernels::kStoreResidualStats},
                      cache.options().dtype(at::kFloat));
   }
   const at::Tensor o = out.contiguous();
-  const at::Tensor i = inp.contiguous();
+  const at::Tensor i = inp ? inp->contiguous() : at::Tensor();
   at::Tensor stats = empty_stats(cache, kernels::kStoreResidualStats);
   const at::Tensor ws = workspace_for(cache, kernels::kStoreResidualStats);
   const cudaError_t err = kernels::store_residual(
-      cache.data_ptr(), delta ? delta->data_ptr() : nullptr, o.data_ptr(), i.data_ptr(),
-      cache.size(0), per_sample(cache), dtype_of(cache), stats.data_ptr<float>(),
-      data_or_null(ws), nbytes_or_zero(ws), current_stream());
+      cache.data_ptr(), delta ? delta->data_ptr() : nullptr,
+      delta2 ? delta2->data_ptr() : nullptr, o.data_ptr(), data_or_null(i), cache.size(0),
+      per_sample(cache), dtype_of(cache), stats.data_ptr<float>(), data_or_null(ws),
+      nbytes_or_zero(ws), current_stream());
   check_launch(err, "store_residual_");
   return stats;
 }

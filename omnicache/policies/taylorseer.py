@@ -69,7 +69,7 @@ class TaylorSeerConfig:
 
     def __post_init__(self):
         check_int(self, "interval", 1)
-        if self.order not in (1, 2) or isinstance(self.order, bool):
+        if type(self.order) is not int or self.order not in (1, 2):  # not 1.0 or True
             raise ValueError(f"TaylorSeerConfig.order must be 1 or 2, got {self.order!r}")
         check_int(self, "warmup", 0)
         check_granularity(self, None)

@@ -23,6 +23,7 @@ __all__ = ["DigitClassifier", "default_info", "load_default", "load_classifier",
 
 DEFAULT_JSON = "default_model.json"
 FORMAT_VERSION = 1
+MAX_GUIDANCE = 100.0  # a default_guidance beyond this is a broken record, not a tuned scale
 
 
 class DigitClassifier(nn.Module):
@@ -86,10 +87,14 @@ def default_info(data_dir=None) -> dict:
         raise ValueError(f"{where}: field 'format_version' must be {FORMAT_VERSION}, got {version}")
     _file_name(info, ["dit", "weights"], where)
     _file_name(info, ["classifier", "weights"], where)
-    _field(info, ["classifier", "num_classes"], int, where)
-    _field(info, ["classifier", "width"], int, where)
-    _field(info, ["default_guidance"], float, where)
-    _field(info, ["default_steps"], int, where)
+    for path in (["classifier", "num_classes"], ["classifier", "width"], ["default_steps"]):
+        value = _field(info, path, int, where)
+        if value < 1:
+            raise ValueError(f"{where}: field '{'.'.join(path)}' must be an int >= 1, got {value}")
+    guidance = _field(info, ["default_guidance"], float, where)
+    if not 0.0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(f"{where}: field 'default_guidance' must be a CFG scale in [0, {MAX_GUIDANCE:g}], "
+                         f"got {guidance!r}")
     dit_config(info, where)
     return info
 
@@ -109,15 +114,19 @@ def dit_config(info, where=DEFAULT_JSON) -> DiTConfig:
         raise ValueError(f"{where}: field 'dit.config': {e}") from None
 
 
-def _load_state(module, source, device, dtype):
-    """Loads a safetensors file into ``module`` after checking names, shapes and dtypes."""
+def _load_state(build, source, device, dtype, field):
+    """``build()`` with the weights of a safetensors file, after checking names, shapes and
+    dtypes against a skeleton built on the meta device: sizes from the config are checked
+    against the file before any memory is allocated for them. ``field`` names the config
+    in ``default_model.json`` that the sizes come from."""
     where = getattr(source, "name", str(source))
     raw = source.read_bytes()  # a missing file raises FileNotFoundError with its path
     try:
         tensors = load_safetensors_bytes(raw)
     except Exception as e:  # safetensors raises its own error type for malformed headers
         raise ValueError(f"{where}: not a valid safetensors file ({e})") from None
-    expected = module.state_dict()
+    with torch.device("meta"):
+        expected = build().state_dict()  # shapes only, nothing allocated
     for key in expected:
         if key not in tensors:
             raise ValueError(f"{where}: missing tensor '{key}'")
@@ -126,12 +135,14 @@ def _load_state(module, source, device, dtype):
             raise ValueError(f"{where}: unexpected tensor '{key}'")
         if value.shape != expected[key].shape:
             raise ValueError(
-                f"{where}: tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+                f"{where}: tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)} "
+                f"(from {DEFAULT_JSON} field {field})"
             )
         if not value.is_floating_point():
             raise ValueError(f"{where}: tensor '{key}' must be floating point, got {value.dtype}")
         if not torch.isfinite(value).all():
             raise ValueError(f"{where}: tensor '{key}' has non-finite values")
+    module = build()
     module.load_state_dict({k: v.float() for k, v in tensors.items()})
     return module.to(device=device, dtype=dtype).eval()
 
@@ -142,7 +153,8 @@ def load_default(device="cpu", dtype=torch.float32, data_dir=None) -> DiT:
     ``model.default_guidance`` is the guidance scale it was tuned for; ``generate`` uses
     it when no ``guidance`` is given."""
     info = default_info(data_dir)
-    model = _load_state(DiT(dit_config(info)), _source(data_dir, info["dit"]["weights"]), device, dtype)
+    config = dit_config(info)
+    model = _load_state(lambda: DiT(config), _source(data_dir, info["dit"]["weights"]), device, dtype, "'dit.config'")
     model.default_guidance = float(info["default_guidance"])
     return model
 
@@ -151,8 +163,8 @@ def load_classifier(device="cpu", dtype=torch.float32, data_dir=None) -> DigitCl
     """The embedded digit classifier (eval mode): (B, 1, 8, 8) in [-1, 1] -> logits."""
     info = default_info(data_dir)
     cls = info["classifier"]
-    model = DigitClassifier(num_classes=cls["num_classes"], width=cls["width"])
-    return _load_state(model, _source(data_dir, cls["weights"]), device, dtype)
+    return _load_state(lambda: DigitClassifier(num_classes=cls["num_classes"], width=cls["width"]),
+                       _source(data_dir, cls["weights"]), device, dtype, "'classifier.width'/'classifier.num_classes'")
 
 
 def default_l2c_plan(sampler: str, steps: int):

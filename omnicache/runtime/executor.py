@@ -159,8 +159,9 @@ class CacheExecutor:
         self._cache = {u: CacheUnit(order, self._filter).allocate(like) for n, u in enumerate(keys)
                        if not all(row[n] for row in comp)}
         # gamma as preallocated float32 device scalars (apply_residual_ reads them on device)
-        g = torch.tensor(plan.gamma, dtype=torch.float32, device=self.device)
-        self._gamma = [g[i] for i in range(self.steps)]
+        g = torch.tensor([plan.gamma, plan.gamma2], dtype=torch.float32, device=self.device)
+        self._gamma = [g[0, i] for i in range(self.steps)]
+        self._gamma2 = [g[1, i] for i in range(self.steps)]
 
     def _filter_setting(self, plan, order):
         """``plan.meta["filter"]`` (stage-aware filtering of D1/D2 over the token grid), checked."""
@@ -214,6 +215,7 @@ class CacheExecutor:
         """Change step ``i``'s forecast coefficients in place (the plan and its device scalar)."""
         self.plan.gamma[i], self.plan.gamma2[i] = float(gamma), float(gamma2)
         self._gamma[i].fill_(float(gamma))
+        self._gamma2[i].fill_(float(gamma2))
 
     def _embed(self, i, x):
         x_model, t = self.sampler.model_input(i, x)
@@ -264,7 +266,11 @@ class CacheExecutor:
 
     def _reuse_residual(self, i, u, h):
         """``h += F + gamma * D1 + gamma2 * D2`` in place (D1, D2 filtered if the plan filters)."""
-        self._cache[u].reuse_(h, self._gamma[i] if self.plan.gamma[i] else None, self.plan.gamma2[i] or None)
+        self._cache[u].reuse_(h, *self._gammas(i))
+
+    def _gammas(self, i):
+        """Step ``i``'s ``(γ1, γ2)`` as device scalars, None where the plan's term is 0."""
+        return (self._gamma[i] if self.plan.gamma[i] else None, self._gamma2[i] if self.plan.gamma2[i] else None)
 
     def _store_residual(self, i, u, out, inp):
         """``F = out - inp``; ``D1 = F_new - F_old``; ``D2 = D1_new - D1_old``; returns [rows, 4] stats."""
@@ -273,7 +279,7 @@ class CacheExecutor:
     def _branch(self, i, u, act, h, mod, gate, branch):
         """One branch: compute ``h + gate * branch(h, mod)`` (storing the pre-gate output), or reuse."""
         if act == REUSE:
-            return self._cache[u].reuse_(h, self.plan.gamma[i] or None, self.plan.gamma2[i] or None, gate=gate)
+            return self._cache[u].reuse_(h, *self._gammas(i), gate=gate)
         out = branch(h, mod)
         if act == STORE:
             self._cache[u].store(out)

@@ -67,9 +67,14 @@ class DiTConfig:
             raise ValueError(
                 f"DiTConfig.hidden_size must be divisible by 4 (2-D sin-cos embedding), got {self.hidden_size}"
             )
-        if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool) or self.mlp_ratio <= 0:
-            raise ValueError(f"DiTConfig.mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if not isinstance(self.class_dropout_prob, (int, float)) or not 0.0 <= self.class_dropout_prob < 1.0:
+        if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool) \
+                or not math.isfinite(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ValueError(f"DiTConfig.mlp_ratio must be a finite positive number, got {self.mlp_ratio!r}")
+        if self.mlp_hidden < 1:
+            raise ValueError(f"DiTConfig.mlp_ratio ({self.mlp_ratio!r}) times hidden_size ({self.hidden_size}) "
+                             f"must give an MLP width >= 1, got {self.mlp_hidden}")
+        if not isinstance(self.class_dropout_prob, (int, float)) or isinstance(self.class_dropout_prob, bool) \
+                or not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"DiTConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
 
     @property

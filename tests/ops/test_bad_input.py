@@ -1,6 +1,7 @@
-"""Every op refuses bad input with a ValueError naming the argument, and leaves its
-in-place targets exactly as they were."""
+"""Every op refuses bad input with a ValueError naming the argument (a TypeError for
+a non-tensor), and leaves its in-place targets exactly as they were."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,9 +20,30 @@ def buf_views():
     return buf[: B * N].view(B, N), buf[N // 2 :].view(B, N)
 
 
+def numpy_views(dtype=np.float32):
+    """Two [B, N] tensors over one numpy buffer, overlapping by half a row, each made by
+    its own torch.from_numpy: two storages that share memory."""
+    buf = np.random.default_rng(0).standard_normal(B * N + N // 2).astype(dtype)
+    a = torch.from_numpy(buf[: B * N].reshape(B, N))
+    b = torch.from_numpy(buf[N // 2 :].reshape(B, N))
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    return a, b
+
+
+def frombuffer_views():
+    """Two [B, N] tensors from torch.frombuffer over one bytearray, half a row apart."""
+    raw = bytearray(np.random.default_rng(1).standard_normal(B * N + N // 2).astype(np.float32).tobytes())
+    a = torch.frombuffer(raw, dtype=torch.float32, count=B * N).view(B, N)
+    b = torch.frombuffer(raw, dtype=torch.float32, count=B * N, offset=4 * (N // 2)).view(B, N)
+    return a, b
+
+
 def apply_cases():
     h = t()
     a, b = buf_views()
+    na, nb = numpy_views()
+    fa, fb = frombuffer_views()
+    h3 = t(B, 3, N)
     gview = torch.randn(B * N)  # gamma that is a view of the target's memory
     return [
         ("residual shape", lambda: (h, t(B, N + 1), None, None), "residual"),
@@ -43,12 +65,36 @@ def apply_cases():
         ("overlapping residual", lambda: (a, b, None, None), "hidden"),
         ("overlapping correction", lambda: (a, t(), b, None), "hidden"),
         ("gamma inside hidden", lambda: (gview.view(B, N), t(), t(), gview[:B]), "hidden"),
+        ("numpy views overlap", lambda: (na, nb, None, None), "hidden"),
+        ("frombuffer views overlap", lambda: (fa, t(), fb, None), "hidden"),
+        ("correction2 shape", lambda: (h3, t(B, 3, N), None, None, t(B, 3, N + 1)), "correction2"),
+        ("correction2 dtype", lambda: (h3, t(B, 3, N), None, None, t(B, 3, N, dtype=torch.float16)),
+         "correction2"),
+        ("correction2 device", lambda: (h3, t(B, 3, N), None, None, t(B, 3, N, device="meta")),
+         "correction2"),
+        ("gamma [B, 1] with correction2", lambda: (h3, t(B, 3, N), t(B, 3, N), torch.ones(B, 1),
+                                                   t(B, 3, N)), "gamma"),
+        ("gamma [] with correction2", lambda: (h3, t(B, 3, N), t(B, 3, N), torch.tensor(1.0),
+                                               t(B, 3, N)), "gamma"),
+        ("gamma [B, 2] without correction2", lambda: (h3, t(B, 3, N), t(B, 3, N),
+                                                      torch.ones(B, 2)), "gamma"),
+        ("gamma [B+1, 2]", lambda: (h3, t(B, 3, N), None, torch.ones(B + 1, 2), t(B, 3, N)), "gamma"),
+        ("gamma [3]", lambda: (h3, t(B, 3, N), None, torch.ones(3), t(B, 3, N)), "gamma"),
+        ("gate shape [B, 3]", lambda: (h3, t(B, 3, N), None, None, None, t(B, 3)), "gate"),
+        ("gate shape [B, 3, N]", lambda: (h3, t(B, 3, N), None, None, None, t(B, 3, N)), "gate"),
+        ("gate dtype", lambda: (h3, t(B, 3, N), None, None, None, t(B, N, dtype=torch.bfloat16)),
+         "gate"),
+        ("gate device", lambda: (h3, t(B, 3, N), None, None, None, t(B, N, device="meta")), "gate"),
+        ("gate with 1-d hidden", lambda: (t(B), t(B), None, None, None, t(B, B)), "gate"),
+        ("gate inside hidden", lambda: (h, t(), None, None, None, h[:, :N]), "hidden"),
+        ("correction2 inside hidden", lambda: (h3, t(B, 3, N), None, None, h3), "hidden"),
     ]
 
 
 def store_cases():
     c = t()
     a, b = buf_views()
+    na, nb = numpy_views()
     return [
         ("out shape", lambda: (c, None, t(B, N - 1), t()), "out"),
         ("inp dtype", lambda: (c, None, t(), t(dtype=torch.bfloat16)), "inp"),
@@ -63,6 +109,16 @@ def store_cases():
         ("cache is out", lambda: (c, None, c, t()), "cache"),
         ("cache overlaps inp", lambda: (a, None, t(), b), "cache"),
         ("delta overlaps out", lambda: (c, a, b, t()), "delta"),
+        ("numpy views: cache overlaps out", lambda: (na, None, nb, t()), "cache"),
+        ("numpy views: cache overlaps delta", lambda: (na, nb, t(), None), "cache"),
+        ("delta2 without delta", lambda: (c, None, t(), t(), t()), "delta2"),
+        ("delta2 shape", lambda: (c, t(), t(), t(), t(B, N + 1)), "delta2"),
+        ("delta2 dtype", lambda: (c, t(), t(), None, t(dtype=torch.float16)), "delta2"),
+        ("non-contiguous delta2", lambda: (c, t(), t(), t(), t(N, B).t()), "delta2"),
+        ("delta2 is delta", lambda: (t(), c, t(), t(), c), "delta"),
+        ("delta2 overlaps out", lambda: (t(), t(), b, None, a), "delta2"),
+        ("delta2 overlaps cache (numpy)", lambda: (na, t(), t(), None, nb), "cache"),
+        ("inp shape, no delta", lambda: (c, None, t(), t(B, 1)), "inp"),
     ]
 
 
@@ -104,10 +160,11 @@ def test_apply_residual_refuses(cpu_backend, case):
 def test_store_residual_refuses(cpu_backend, case):
     _, make_args, argname = case
     args = make_args()
-    before = snapshot(args[0], args[1])
+    targets = [args[0], args[1], args[4] if len(args) > 4 else None]
+    before = snapshot(*targets)
     with pytest.raises(ValueError, match=rf"store_residual_: .*\b{argname}\b"):
         ops.store_residual_(*args)
-    assert_unchanged([args[0], args[1]], before)
+    assert_unchanged(targets, before)
 
 
 @pytest.mark.parametrize("case", reduction_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
@@ -124,3 +181,59 @@ def test_direct_torch_ops_refuse_too():
     with pytest.raises(ValueError, match="overlaps residual"):
         torch.ops.omnicache.apply_residual_(a, b)
     assert_unchanged([a], before)
+
+
+def test_direct_torch_ops_refuse_numpy_views():
+    """The C++ overlap check compares addresses: two storages over one numpy buffer."""
+    a, b = numpy_views()
+    before = snapshot(a)
+    with pytest.raises(ValueError, match="hidden is written in place and overlaps residual"):
+        torch.ops.omnicache.apply_residual_(a, b)
+    assert_unchanged([a], before)
+    with pytest.raises(ValueError, match="cache is written in place and overlaps out"):
+        torch.ops.omnicache.store_residual_(a, None, b, None)
+    assert_unchanged([a], before)
+
+
+def test_disjoint_numpy_views_are_accepted(cpu_backend):
+    """Two halves of one numpy buffer that do not overlap: accepted, correct result."""
+    buf = np.arange(2 * B * N, dtype=np.float32)
+    a = torch.from_numpy(buf[: B * N].reshape(B, N))
+    b = torch.from_numpy(buf[B * N :].reshape(B, N))
+    want = a + b
+    ops.apply_residual_(a, b)
+    assert torch.equal(a, want)
+
+
+NOT_TENSORS = [None, 1.5, np.ones((B, N), dtype=np.float32), [[1.0] * N] * B]
+
+
+@pytest.mark.parametrize("value", NOT_TENSORS, ids=lambda v: type(v).__name__)
+@pytest.mark.parametrize("opname,position,argname", [
+    ("rel_l1", 0, "a"), ("rel_l1", 1, "b"),
+    ("trajectory_stats", 0, "x_next"), ("trajectory_stats", 1, "x"), ("trajectory_stats", 2, "x_prev"),
+    ("apply_residual_", 0, "hidden"), ("apply_residual_", 1, "residual"),
+    ("store_residual_", 0, "cache"), ("store_residual_", 2, "out"),
+])
+def test_non_tensor_argument_is_a_type_error(cpu_backend, opname, position, argname, value):
+    args = {"rel_l1": [t(), t()], "trajectory_stats": [t(), t(), t()],
+            "apply_residual_": [t(), t()], "store_residual_": [t(), None, t(), t()]}[opname]
+    args[position] = value
+    with pytest.raises(TypeError, match=rf"{opname}: {argname} must be a Tensor"):
+        getattr(ops, opname)(*args)
+
+
+@pytest.mark.parametrize("value", NOT_TENSORS[1:], ids=lambda v: type(v).__name__)
+@pytest.mark.parametrize("opname,position,argname", [
+    ("apply_residual_", 2, "correction"), ("apply_residual_", 3, "gamma"),
+    ("apply_residual_", 4, "correction2"), ("apply_residual_", 5, "gate"),
+    ("store_residual_", 1, "delta"), ("store_residual_", 3, "inp"), ("store_residual_", 4, "delta2"),
+])
+def test_non_tensor_optional_argument_is_a_type_error(cpu_backend, opname, position, argname, value):
+    h = t()
+    args = [h, t(), None, None, None, None] if opname == "apply_residual_" else [h, t(), t(), t(), None]
+    args[position] = value
+    before = snapshot(h)
+    with pytest.raises(TypeError, match=rf"{opname}: {argname} must be a Tensor or None"):
+        getattr(ops, opname)(*args)
+    assert_unchanged([h], before)

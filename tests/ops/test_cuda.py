@@ -34,9 +34,19 @@ def test_ops_match_reference(gpu_backend, shape, dtype, strided):
     for gamma_mode in ("none", "scalar", "per_sample"):
         test_apply_residual.run_case(shape, dtype, 1, strided=strided, correction=gamma_mode != "none",
                                      gamma_mode=gamma_mode, device="cuda")
+        if len(shape) >= 2:
+            for c1, c2, gate in ((True, True, False), (False, True, True), (True, False, True),
+                                 (True, True, True), (False, False, True)):
+                test_apply_residual.run_case(shape, dtype, 1, strided=strided, correction=c1,
+                                             gamma_mode=gamma_mode, correction2=c2, gate=gate,
+                                             device="cuda")
     for with_delta in (False, True):
         test_store_residual.run_case(shape, dtype, 2, strided=strided, with_delta=with_delta,
                                      device="cuda")
+        test_store_residual.run_case(shape, dtype, 2, strided=strided, with_delta=with_delta,
+                                     with_inp=False, device="cuda")
+        test_store_residual.run_case(shape, dtype, 2, strided=strided, with_delta=True,
+                                     with_inp=with_delta, with_delta2=True, device="cuda")
     test_trajectory_stats.run_case(shape, dtype, 3, strided=strided, device="cuda")
     test_rel_l1.run_case(shape, dtype, 4, strided=strided, device="cuda")
 

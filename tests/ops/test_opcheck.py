@@ -23,17 +23,24 @@ def op_device(namespace: str) -> str:
 
 
 def samples(dtype):
-    x = [make(SHAPE, dtype, seed=s) for s in range(4)]
+    x = [make(SHAPE, dtype, seed=s) for s in range(5)]
+    gate = make((SHAPE[0], SHAPE[-1]), dtype, seed=9)
     return {
         "apply_residual_": [
             (x[0].clone(), x[1]),
             (x[0].clone(), x[1], x[2]),
             (x[0].clone(), x[1], x[2], torch.tensor(0.5)),
             (x[0].clone(), x[1], x[2], torch.rand(SHAPE[0])),
+            (x[0].clone(), x[1], x[2], torch.rand(SHAPE[0], 2), x[3]),
+            (x[0].clone(), x[1], None, torch.rand(2), x[3], gate),
+            (x[0].clone(), x[1], None, None, None, gate),
         ],
         "store_residual_": [
             (x[0].clone(), None, x[1], x[2]),
             (x[0].clone(), torch.empty_like(x[0]), x[1], x[2]),
+            (x[0].clone(), None, x[1], None),
+            (x[0].clone(), x[4].clone(), x[1], x[2], torch.empty_like(x[0])),
+            (x[0].clone(), x[4].clone(), x[1], None, torch.empty_like(x[0])),
         ],
         "trajectory_stats": [(x[0], x[1], x[2])],
         "rel_l1": [(x[0], x[1])],

@@ -62,11 +62,13 @@ class ModelSpec:
     """``blocks``: the ``ModuleList`` attributes, in the order ``forward`` runs them;
     ``interleave``: ``forward`` alternates between the lists (block ``i`` of each in turn)
     instead of running them one after the other; ``stack``: one residual may span several
-    blocks (False where ``forward`` reshapes between blocks, so ``step`` plans run per block)."""
+    blocks (False where ``forward`` reshapes between blocks, so ``step`` plans run per block);
+    ``norm1``: the attribute of the first block whose output TeaCache measures."""
 
     blocks: tuple[str, ...]
     interleave: bool = False
     stack: bool = True
+    norm1: str = "norm1"
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -76,6 +78,18 @@ MODELS: dict[str, ModelSpec] = {
     "SD3Transformer2DModel": ModelSpec(("transformer_blocks",)),
     "WanTransformer3DModel": ModelSpec(("blocks",)),
     "CogVideoXTransformer3DModel": ModelSpec(("transformer_blocks",)),
+    # spatial block i, then temporal block i; forward permutes (batch*frames, tokens) <-> (batch*tokens, frames)
+    # around each temporal block, so a residual may not span two blocks
+    "LatteTransformer3DModel": ModelSpec(("transformer_blocks", "temporal_transformer_blocks"),
+                                         interleave=True, stack=False),
+    # the token refiner inside context_embedder runs before these and is not cached
+    "HunyuanVideoTransformer3DModel": ModelSpec(("transformer_blocks", "single_transformer_blocks")),
+    "LTXVideoTransformer3DModel": ModelSpec(("transformer_blocks",)),
+    "QwenImageTransformer2DModel": ModelSpec(("transformer_blocks",), norm1="img_norm1"),  # image stream
+    "SanaTransformer2DModel": ModelSpec(("transformer_blocks",)),
+    # context_refiner (text tokens) and noise_refiner (image tokens) run first on separate streams of other
+    # lengths, then forward packs both into one joint sequence: only the joint ``layers`` are cached
+    "Lumina2Transformer2DModel": ModelSpec(("layers",)),
 }
 
 # Branches: cross-attention (``attn2`` of PixArt's and Wan's blocks) belongs to the attention
@@ -93,6 +107,15 @@ BLOCKS: dict[str, BlockIO] = {
     "JointTransformerBlock": BlockIO((E, H), attn=("attn", "attn2"), mlp=("ff", "ff_context"),
                                      batched=(H, E, _T)),
     "CogVideoXBlock": BlockIO((H, E), attn=("attn1",), mlp=("ff",), batched=(H, E, _T)),
+    "HunyuanVideoTransformerBlock": BlockIO((H, E)),
+    "HunyuanVideoSingleTransformerBlock": BlockIO((H, E)),
+    # HunyuanVideo image-to-video (image_condition_type="token_replace")
+    "HunyuanVideoTokenReplaceTransformerBlock": BlockIO((H, E)),
+    "HunyuanVideoTokenReplaceSingleTransformerBlock": BlockIO((H, E)),
+    "LTXVideoTransformerBlock": BlockIO((H,)),
+    "QwenImageTransformerBlock": BlockIO((E, H)),
+    "SanaTransformerBlock": BlockIO((H,)),
+    "Lumina2TransformerBlock": BlockIO((H,)),
 }
 
 # model class -> its ModuleLists of blocks (kept for callers that count blocks)

@@ -172,9 +172,9 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
             sub.forward = functools.partial(rt.branch_forward, k, kind, j, sub.forward, sub)
     inst.handles = []
     if rt.teacache:
-        norm1 = getattr(rt.blocks[0], "norm1", None)
+        norm1 = getattr(rt.blocks[0], MODELS[cls].norm1, None)
         if norm1 is None:
-            raise TypeError(f"{type(config).__name__} needs block 0's norm1 on {cls}")
+            raise TypeError(f"{type(config).__name__} needs block 0's {MODELS[cls].norm1} on {cls}")
         inst.handles.append(norm1.register_forward_hook(rt.capture_norm1))
     index = {id(m): (b, 2) for b, blk in enumerate(rt.blocks) for m in blk.modules()}
     index.update({id(m): (k, kind) for k, kind, _, sub in branch_subs for m in sub.modules()})

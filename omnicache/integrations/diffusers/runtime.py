@@ -36,14 +36,8 @@ Steps are counted per cache context: diffusers pipelines name their calls with
 ``transformer.cache_context("cond" | "uncond" | ...)`` and each name keeps its own
 counter, buffers and decisions.
 
-**FLOPs.** Every ``nn.Linear`` of the transformer counts ``2 · in · out`` per row it
-processes, per block (and outside the blocks), in eager calls. A block's count when it
-computes is its cost ``W_b``; ``compute_fraction`` is the FLOPs a run spent ÷ the FLOPs it
-would spend computing every block (calls traced by ``torch.compile`` or replayed in CUDA
-graphs count their computed blocks at ``W_b``). Counts are also kept per part of a block
-(attention branch, MLP branch, the rest): a branch plan's traced calls count the branches
-they ran, and :meth:`Runtime.plan_fraction` is the plan's own fraction from these per-branch
-costs (``summary().contexts[name]["plan_compute_fraction"]``).
+**FLOPs** are counted on the linear layers, per block and branch (:mod:`.accounting`,
+which also builds the :class:`~omnicache.cache.RunSummary`).
 """
 
 from __future__ import annotations
@@ -55,6 +49,7 @@ import torch
 from ...cache import REUSE, STORE, CacheUnit, RunSummary, plan_order, relative_change, unit_actions
 from ...plan import CachePlan
 from ..distributed import context_parallel_group
+from . import accounting
 from .adapters import MODELS, model_blocks
 from .device import DeviceMode
 
@@ -143,6 +138,12 @@ class Runtime(DeviceMode):
             if self.head >= self.n:
                 raise ValueError(f"{type(config).__name__}: the first {self.head} blocks leave none of the "
                                  f"model's {self.n} blocks to cache")
+            if not spec.stack and spec.interleave and \
+                    self.head % len(spec.blocks) != (self.n - 1) % len(spec.blocks):
+                # one residual from block `head` to the last may not cross a change of layout
+                raise ValueError(f"{type(config).__name__}.first_blocks: on {type(transformer).__name__} the "
+                                 f"remaining blocks must start in the same block list as the last block "
+                                 f"({spec.blocks[(self.n - 1) % len(spec.blocks)]}); got first_blocks={self.head}")
             self.units = [(self.head, self.n)]
         elif self.granularity == "step" and spec.stack:
             self.units = [(0, self.n)]
@@ -218,9 +219,9 @@ class Runtime(DeviceMode):
         ctx.rows, ctx.decisions, ctx.batch, ctx.row_stored = None, None, 0, None
         if self.kind == "dynamic":
             ctx.decider = self.config.decider(self.steps or 2**31 - 1, self.n)
-            ctx.decider.start(1)
+            ctx.decider.start(1)  # one decision per call: the whole batch (per-sample: at the first call)
             if self.device_mode:
-                self._device_restart(ctx)  # one decision per call: the whole batch (per-sample: at the first call)
+                self._device_restart(ctx)
         for unit in ctx.units:  # every run starts from empty (zero) caches, as the executor's
             for cu in unit.values():
                 cu.reset()
@@ -538,79 +539,9 @@ class Runtime(DeviceMode):
         self.norm1_out = out.detach()
 
     # --------------------------------------------------------------------------- summary
-    def _flops(self, ctx):
-        """``(spent, uncached)`` linear FLOPs of a context's calls."""
-        spent = uncached = 0.0
-        cost = [c if c is not None else 0 for c in self.block_cost]
-        part = [[c if c is not None else 0 for c in p] for p in self.part_cost]
-        for n, (computed, counts) in enumerate(zip(ctx.trace, ctx.flops)):
-            eager = any(counts) if ctx.branch_trace else any(counts[b] > 0 for b, c in enumerate(computed) if c)
-            if eager:
-                s = sum(counts[:-1])
-            elif ctx.branch_trace:  # traced call of a branch plan: the branches that ran, and the rest
-                s = sum(p[2] + a * p[0] + m * p[1] for p, (a, m) in zip(part, ctx.branch_trace[n]))
-            else:
-                s = sum(w * c for w, c in zip(cost, computed))
-            outside = counts[-1] if eager or self.outside_cost is None else self.outside_cost
-            spent += outside + s
-            uncached += outside + sum(cost)
-        return spent, uncached
-
     def plan_fraction(self) -> float | None:
-        """The static plan's compute fraction from the linear FLOPs measured per block and branch
-        (attention, MLP, rest; outside the blocks): what the plan should spend ÷ uncached, for
-        comparing with the summary's counted ``compute_fraction``. None before a counted call
-        measured every part (or for dynamic policies)."""
-        if self.kind != "static" or self.outside_cost is None or \
-                any(c is None for p in self.part_cost for c in p):
-            return None
-        spent = uncached = 0.0
-        for acts in self.actions:
-            spent += self.outside_cost
-            uncached += self.outside_cost + sum(map(sum, self.part_cost))
-            for b, p in enumerate(self.part_cost):
-                if self.granularity == "branch":
-                    ran = (acts[2 * b] != REUSE, acts[2 * b + 1] != REUSE, True)
-                else:
-                    ran = (acts[self.unit_of[b]] != REUSE,) * 3
-                spent += sum(c for c, r in zip(p, ran) if r)
-        return spent / uncached if uncached else None
+        """The static plan's compute fraction from the measured linear FLOPs (:mod:`.accounting`)."""
+        return accounting.plan_fraction(self)
 
     def summary(self) -> RunSummary:
-        contexts, spent, uncached, decisions = {}, 0.0, 0.0, []
-        calls = computed = 0
-        sub_batch = 0.0 if self.device_mode else None
-        for name, ctx in self.contexts.items():
-            device_flops = self._device_resolve(ctx) if self.device_mode else None
-            steps = []
-            for st in ctx.stats:
-                d = {k: v for k, v in st.items() if k != "residual"}
-                rel = [s[:, 0].sum() / s[:, 1].sum() for s in st["residual"] if s is not None]
-                d["residual_rel_l1"] = torch.stack(rel).mean().item() if rel else None
-                steps.append(d)
-            s, u = self._flops(ctx) if device_flops is None else (device_flops[0], device_flops[2])
-            if device_flops is not None:
-                sub_batch += device_flops[1]
-            n_comp, n_all = sum(map(sum, ctx.trace)), len(ctx.trace) * self.n
-            calls, computed = calls + n_all, computed + n_comp
-            spent, uncached = spent + s, uncached + u
-            contexts[name] = {"trace": ctx.trace, "compute_fraction": s / u if u else None,
-                              "block_fraction": n_comp / n_all if n_all else None, "stats": steps,
-                              "flops": s, "flops_uncached": u}
-            if self.kind == "static":
-                contexts[name]["plan_compute_fraction"] = self.plan_fraction()
-            if ctx.branch_trace:
-                contexts[name]["branch_trace"] = ctx.branch_trace
-                decisions.append(torch.tensor(ctx.branch_trace, dtype=torch.float32))
-            elif ctx.trace:
-                decisions.append(torch.tensor(ctx.trace, dtype=torch.float32).unsqueeze(-1).expand(-1, -1, 2))
-        if uncached == 0.0 and calls:  # no eager call counted a block: fall back to block calls
-            spent, uncached = float(computed), float(calls)
-        cache_bytes = sum(cu.nbytes for ctx in self.contexts.values() for unit in ctx.units for cu in unit.values())
-        cache_bytes += sum(ctx.ref.nbytes for ctx in self.contexts.values() if ctx.ref is not None)
-        cache_bytes += sum(ctx.device.nbytes for ctx in self.contexts.values() if ctx.device is not None)
-        dec = torch.stack(decisions).mean(0) if decisions and len({d.shape for d in decisions}) == 1 else \
-            torch.zeros(0, self.n, 2)
-        return RunSummary(self.policy_name, self.granularity, dec.clone(),
-                          spent, uncached, 0.0, cache_bytes, 0, 1, steps=self.steps, blocks=self.n,
-                          kind=self.kind, contexts=contexts, flops_sub_batch=sub_batch)
+        return accounting.summary(self)

@@ -64,7 +64,7 @@ class OmniCacheConfig:
         check_int(self, "max_consecutive", 1)
         check_int(self, "calibration_samples", 1)
         check_int(self, "calibration_seed", 0)
-        if isinstance(self.order, bool) or self.order not in (1, 2):
+        if type(self.order) is not int or self.order not in (1, 2):  # not 1.0 or True
             raise ValueError(f"OmniCacheConfig.order must be 1 or 2, got {self.order!r}")
         for name in ("correction", "filtering", "pca", "search"):
             if not isinstance(getattr(self, name), bool):

@@ -9,7 +9,6 @@ true residual. Indexing as in :mod:`.schedule`. Calibration time: host syncs are
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch

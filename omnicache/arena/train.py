@@ -1,0 +1,260 @@
+"""Trains a digits arena and writes it as package data.
+
+    python -m omnicache.arena.train flux --steps 1800 --threads 1 --seed 0
+
+``flux``: a class-conditional ``diffusers.FluxTransformer2DModel`` (config
+``FLUX_TRANSFORMER_CONFIG``) and its label table (one ``prompt_embeds`` /
+``pooled_prompt_embeds`` entry per class plus a null entry), trained together with
+rectified flow on the train split of scikit-learn's digits (the split of
+``omnicache.train_default``: the classifier's held-out digits are never trained on),
+exactly as ``FluxPipeline`` samples: packed 2x2 latents, ``img_ids``/``txt_ids``,
+``timestep = sigma`` (the pipeline's ``t / 1000``), ``x_sigma = (1 - sigma) x0 + sigma
+noise``, target ``noise - x0``; sigma is logit-normal, time-shifted with the pipeline's
+mu for 16 tokens; 10% label dropout to the null entry (true CFG). AdamW with warmup and
+cosine decay; the EMA weights are saved (float16).
+
+Then loads what it wrote with ``load_digits_pipeline`` and records, in ``arena.json``, the
+digit classifier's accuracy on uncached samples (classes in turn) at 28 and 50 steps.
+Every file is written atomically (temporary file in the same folder, fsync, rename).
+Deterministic given the seed and the number of threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as save_safetensors_bytes
+
+from ..io import atomic_write_bytes
+from . import flux as arena_flux
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "arena"
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def lr_at(step, steps, lr, warmup):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class LabelTable(torch.nn.Module):
+    """The learned conditioning: one (prompt_embeds, pooled_prompt_embeds) entry per label."""
+
+    def __init__(self, num_labels, tokens, joint_dim, pooled_dim, generator):
+        super().__init__()
+        self.prompt_embeds = torch.nn.Parameter(torch.randn(num_labels, tokens, joint_dim, generator=generator))
+        self.pooled_prompt_embeds = torch.nn.Parameter(torch.randn(num_labels, pooled_dim, generator=generator))
+
+
+def flux_mu(seq_len):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = arena_flux.FLUX_SCHEDULER_CONFIG
+    return calculate_shift(seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
+
+
+def train_flux(args, generator):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from ..train_default import digits_split
+
+    x_train, y_train, _, _ = digits_split()
+    transformer = FluxTransformer2DModel(**arena_flux.FLUX_TRANSFORMER_CONFIG)
+    cfg = transformer.config
+    num_labels = arena_flux.NUM_CLASSES + 1
+    dims = (arena_flux.TEXT_TOKENS, cfg.joint_attention_dim, cfg.pooled_projection_dim)
+    table = LabelTable(num_labels, *dims, generator)
+    modules = torch.nn.ModuleDict({"transformer": transformer, "table": table})
+    ema = copy.deepcopy(modules).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    modules.train()
+
+    side = arena_flux.LATENT_SIZE
+    tokens = (side // 2) ** 2
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(arena_flux.TEXT_TOKENS, 3)
+    shift = math.exp(flux_mu(tokens))  # the pipeline's dynamic shift for this sequence length
+    print(f"train {len(y_train)} digits; {sum(p.numel() for p in transformer.parameters())} transformer parameters;"
+          f" time shift e^mu = {shift:.3f}; torch threads {torch.get_num_threads()}", flush=True)
+
+    losses = []
+    start = time.time()
+    for step in range(args.steps):
+        idx = torch.randint(0, len(y_train), (args.batch_size,), generator=generator)
+        x0, labels = x_train[idx], y_train[idx].clone()
+        drop = torch.rand(len(idx), generator=generator) < args.label_dropout
+        labels[drop] = arena_flux.NULL_LABEL
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.sigmoid(torch.randn(len(idx), generator=generator))  # logit-normal(0, 1)
+        sigma = shift * t / (1 + (shift - 1) * t)  # = e^mu / (e^mu + (1/t - 1)), the scheduler's time_shift
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        B = len(idx)
+        pred = transformer(
+            hidden_states=FluxPipeline._pack_latents(xt, B, 1, side, side),
+            encoder_hidden_states=table.prompt_embeds[labels],
+            pooled_projections=table.pooled_prompt_embeds[labels],
+            timestep=sigma,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            return_dict=False,
+        )[0]
+        target = FluxPipeline._pack_latents(noise - x0, B, 1, side, side)
+        loss = F.mse_loss(pred, target)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), modules.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        if step % args.log_every == 0 or step == args.steps - 1:
+            recent = losses[-args.log_every :]
+            print(f"step {step:5d}  loss {sum(recent) / len(recent):.4f}  {time.time() - start:7.0f} s", flush=True)
+    return ema, losses, time.time() - start
+
+
+def write_flux(out: Path, ema, record):
+    transformer, table = ema["transformer"], ema["table"]
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in transformer.state_dict().items()}
+    atomic_write_bytes(out / arena_flux.WEIGHTS_FILE, save_safetensors_bytes(state, metadata={"format": "pt"}))
+    labels = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in table.state_dict().items()}
+    atomic_write_bytes(out / arena_flux.LABELS_FILE, save_safetensors_bytes(labels, metadata={"format": "omnicache-labels"}))
+    config = dict(transformer.config)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config = {"_class_name": "FluxTransformer2DModel", **config}
+    atomic_write_bytes(out / arena_flux.CONFIG_FILE, _json_bytes(config))
+    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **arena_flux.FLUX_SCHEDULER_CONFIG}
+    atomic_write_bytes(out / arena_flux.SCHEDULER_FILE, _json_bytes(sched))
+    atomic_write_bytes(out / arena_flux.ARENA_JSON, _json_bytes(record))
+
+
+@torch.no_grad()
+def sample_accuracy(pipe, classifier, n, steps, true_cfg_scale=None, seed=1234, chunk=100):
+    """Classifier accuracy of ``n`` uncached samples (classes in turn, ``steps`` steps)."""
+    from ..metrics import class_accuracy
+
+    labels = torch.arange(n) % arena_flux.NUM_CLASSES
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(0, n, chunk):
+        kw = arena_flux.digits_inputs(pipe, labels[i : i + chunk], true_cfg_scale=true_cfg_scale)
+        out = pipe(**kw, num_inference_steps=steps, generator=generator)
+        images.append(arena_flux.digits_images(pipe, out))
+    images = torch.cat(images)
+    return class_accuracy(classifier, images * 2 - 1, labels)  # the classifier takes [-1, 1]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m omnicache.arena.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("name", help=f"the arena to train: {', '.join(arena_flux.ARENAS)}")
+    p.add_argument("--steps", type=int, default=1800, help="optimisation steps")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the package data folder)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--true-cfg-scale", type=float, default=2.0, help="the default guidance shipped with the arena")
+    p.add_argument("--eval-samples", type=int, default=200, help="uncached samples for the class accuracy (0: none)")
+    p.add_argument("--eval-steps", type=int, nargs="+", default=[28, 50], help="sampling steps of the evaluations")
+    p.add_argument("--log-every", type=int, default=50)
+    args = p.parse_args(argv)
+    if args.name not in arena_flux.ARENAS:
+        p.error(f"name must be one of {', '.join(arena_flux.ARENAS)}, got {args.name!r}")
+    for name in ("steps", "batch_size", "log_every"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.eval_samples < 0 or any(s <= 0 for s in args.eval_steps):
+        p.error("--eval-samples must be >= 0 and --eval-steps positive")
+    if args.true_cfg_scale < 1:
+        p.error("--true-cfg-scale must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    out = args.out if args.out is not None else DEFAULT_OUT / args.name
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    ema, losses, wall = train_flux(args, generator)
+    final_loss = sum(losses[-100:]) / len(losses[-100:])
+    print(f"final loss (mean of the last 100 steps) {final_loss:.4f}; {wall:.0f} s", flush=True)
+    record = {
+        "arena": args.name,
+        "description": "class-conditional FluxTransformer2DModel on scikit-learn digits (the 1x8x8 digit in [-1, 1] "
+        "is the latent; no VAE); FluxPipeline with true CFG against the null label entry",
+        "true_cfg_scale": args.true_cfg_scale,
+        "height": arena_flux.LATENT_SIZE * 8,
+        "width": arena_flux.LATENT_SIZE * 8,
+        "num_classes": arena_flux.NUM_CLASSES,
+        "null_label": arena_flux.NULL_LABEL,
+        "training": {
+            "command": "python -m omnicache.arena.train " + shlex.join(argv),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "objective": "rectified flow, x = (1 - s) x0 + s noise, target noise - x0, s = time_shift(logit-normal)",
+            "data": "sklearn.datasets.load_digits, train split of omnicache.train_default.digits_split",
+            "wall_time_s": round(wall, 1),
+            "device": "cpu",
+            "cpu": platform.processor() or platform.machine(),
+            "num_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "diffusers_version": __import__("diffusers").__version__,
+            "final_loss": final_loss,
+            "date": datetime.date.today().isoformat(),
+        },
+    }
+    write_flux(out, ema, record)
+
+    # Evaluate what was written, as users load it.
+    from ..runtime.default import load_classifier
+
+    pipe = arena_flux.load_digits_pipeline(args.name, data_dir=out)
+    classifier = load_classifier()
+    record["sample_accuracy"] = {"samples": args.eval_samples, "true_cfg_scale": args.true_cfg_scale, "seed": 1234}
+    for steps in args.eval_steps if args.eval_samples else []:
+        t0 = time.time()
+        acc = sample_accuracy(pipe, classifier, args.eval_samples, steps)
+        record["sample_accuracy"][f"steps_{steps}"] = acc
+        print(f"class accuracy, {args.eval_samples} uncached samples, {steps} steps,"
+              f" true_cfg_scale {args.true_cfg_scale}: {acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    if args.eval_samples:
+        steps = args.eval_steps[0]
+        acc1 = sample_accuracy(pipe, classifier, args.eval_samples, steps, true_cfg_scale=1.0)
+        record["sample_accuracy"][f"steps_{steps}_no_guidance"] = acc1
+        print(f"class accuracy without guidance, {steps} steps: {acc1:.4f}", flush=True)
+    sizes = {p.name: p.stat().st_size for p in sorted(Path(out).iterdir()) if not p.name.startswith(".")}
+    record["files_bytes"] = sizes
+    atomic_write_bytes(out / arena_flux.ARENA_JSON, _json_bytes(record))
+    print(f"wrote {out}: {sum(sizes.values()) / 1e6:.2f} MB", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
