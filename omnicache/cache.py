@@ -14,7 +14,11 @@ Three jobs, written once:
    ``h += gate * (F + γ1 D1 + γ2 D2)``, the current step's adaLN gate).
 3. **The dynamic decision** (:func:`relative_change`): ``Σ|s - s_ref| / Σ|s_ref|`` of a
    signal, summed over a sample's rows (or the whole batch), all-reduced over a process
-   group when the sequence is sharded: the one host sync of a dynamic step.
+   group when the sequence is sharded: the one host sync of a dynamic step. Or, in a
+   dynamic policy's ``mode="device"``, :class:`DeviceDecisions`: the same ratio, the
+   decider's state, its threshold test and the reference update as device tensors, no
+   value read back while sampling (the engines compute or reuse through ``torch.cond``
+   and mix samples with ``torch.where``; :func:`select_rows`).
 
 Plus the run summary both engines return (:class:`RunSummary`): ``compute_fraction`` is
 FLOPs spent ÷ uncached FLOPs in both.
@@ -31,7 +35,7 @@ from . import ops
 from .filters import filter_delta
 
 __all__ = ["COMPUTE", "STORE", "REUSE", "unit_actions", "plan_order", "CacheUnit", "relative_change",
-           "per_sample_rel", "RunSummary"]
+           "relative_change_device", "per_sample_rel", "DeviceDecisions", "select_rows", "RunSummary"]
 
 COMPUTE, STORE, REUSE = 0, 1, 2  # static actions per cache unit and step
 
@@ -166,10 +170,10 @@ def per_sample_rel(stats: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
     return s[:, 0] / s[:, 1]
 
 
-def relative_change(signal: torch.Tensor, ref: torch.Tensor, *, rows_per_sample: int = 1,
-                    per_sample: bool = True, group=None) -> list[float]:
-    """``Σ|s - ref| / Σ|ref|`` per sample (``per_sample``) or over the whole batch, read back to
-    the host: the dynamic step's one sync. With ``group`` (a sharded sequence) the sums are
+def relative_change_device(signal: torch.Tensor, ref: torch.Tensor, *, rows_per_sample: int = 1,
+                           per_sample: bool = True, group=None) -> torch.Tensor:
+    """``Σ|s - ref| / Σ|ref|`` per sample (``per_sample``: ``[B]``) or over the whole batch
+    (``[1]``), a float32 device tensor. With ``group`` (a sharded sequence) the sums are
     all-reduced first, so every rank takes the single-process decision."""
     sums = ops.rel_l1(signal, ref)  # [rows, 2]
     if per_sample:
@@ -178,7 +182,104 @@ def relative_change(signal: torch.Tensor, ref: torch.Tensor, *, rows_per_sample:
         sums = sums.sum(0, keepdim=True)  # [1, 2]
     if group is not None:  # both sums over the ranks: every rank gets the unsharded ratio
         torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=group)
-    return (sums[:, 0] / sums[:, 1]).tolist()
+    return sums[:, 0] / sums[:, 1]
+
+
+def relative_change(signal: torch.Tensor, ref: torch.Tensor, *, rows_per_sample: int = 1,
+                    per_sample: bool = True, group=None) -> list[float]:
+    """:func:`relative_change_device` read back to the host: the dynamic step's one sync."""
+    return relative_change_device(signal, ref, rows_per_sample=rows_per_sample, per_sample=per_sample,
+                                  group=group).tolist()
+
+
+def select_rows(mask: torch.Tensor, computed: torch.Tensor, reused: torch.Tensor) -> torch.Tensor:
+    """``torch.where`` per sample: ``mask`` is ``[S]`` (one flag per sample, or ``[1]`` for the
+    whole batch); rows of ``computed`` / ``reused`` are ``[cond; uncond]`` (``S`` divides the rows)."""
+    rows = computed.shape[0]
+    m = mask if mask.shape[0] in (1, rows) else mask.repeat(rows // mask.shape[0])
+    return torch.where(m.view(-1, *([1] * (computed.dim() - 1))), computed, reused)
+
+
+class DeviceDecisions:
+    """A dynamic policy's decisions with no host sync (``mode="device"``), for either engine.
+
+    Device state: the step counter, the reference signal, per sample whether a residual is
+    stored, the decider's own state (:meth:`decider.device_state`, e.g. TeaCache's
+    accumulator, float64 as the host mode's Python floats) and a per-step history (relative
+    change, decision, the decider's recorded state) that :meth:`history` reads back once,
+    when a summary is asked for. :meth:`decide` is the whole decision of one step:
+
+        rel = Σ|s - ref| / Σ|ref|   (relative_change_device)
+        forced = not stored | decider.device_forced(step)
+        compute = decider.decide_device(rel, forced, state)   (state updated in place)
+        ref = s (decider.ref_every_step) or where(compute, s, ref);  stored |= compute
+
+    It returns ``compute`` (``[S]`` bool) and ``any(compute)`` (the ``torch.cond`` predicate).
+    Every buffer is allocated here, once, so a compiled step sees fixed tensors.
+    """
+
+    def __init__(self, decider, steps: int, signal_like: torch.Tensor, samples: int, *,
+                 rows_per_sample: int = 1, per_sample: bool = True, group=None):
+        dev = signal_like.device
+        self.decider, self.steps, self.samples = decider, steps, samples
+        self.rows_per_sample, self.per_sample, self.group = rows_per_sample, per_sample, group
+        self.step = torch.zeros((), dtype=torch.long, device=dev)
+        self.ref = torch.zeros_like(signal_like, memory_format=torch.contiguous_format)
+        self.stored = torch.zeros(samples, dtype=torch.bool, device=dev)
+        self.state = decider.device_state(samples, dev)
+        self.rel_hist = torch.zeros(steps, samples, dtype=torch.float32, device=dev)
+        self.compute_hist = torch.zeros(steps, samples, dtype=torch.bool, device=dev)
+        self.state_hist = {k: torch.zeros(steps, samples, dtype=v.dtype, device=dev) for k, v in self.state.items()}
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.step, self.ref, self.stored, *self.state.values(), self.rel_hist, self.compute_hist,
+                *self.state_hist.values()]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held across steps by the decision itself (the reference and the decider's state)."""
+        return self.ref.nbytes + sum(t.nbytes for t in self.state.values())
+
+    def reset(self) -> None:
+        """Zero everything, the history included."""
+        for t in self.tensors():
+            t.zero_()
+
+    def restart(self) -> None:
+        """A new run: step, reference, stored flags and the decider's state back to zero; the
+        history stays (a summary of the run that ended may still read it)."""
+        for t in (self.step, self.ref, self.stored, *self.state.values()):
+            t.zero_()
+
+    def decide(self, signal: torch.Tensor):
+        """One step's decision, on the device: ``(compute [S] bool, any(compute))``."""
+        rel = relative_change_device(signal, self.ref, rows_per_sample=self.rows_per_sample,
+                                     per_sample=self.per_sample, group=self.group)
+        forced = ~self.stored | self.decider.device_forced(self.step)
+        compute = self.decider.decide_device(rel, forced, self.state)
+        if self.decider.ref_every_step:
+            self.ref.copy_(signal)
+        else:
+            self.ref.copy_(select_rows(compute, signal, self.ref))
+        self.stored.logical_or_(compute)
+        # the history row of this step (clamped: a call past ``steps`` overwrites the last row)
+        at = self.step.clamp(max=self.steps - 1).view(1)
+        self.rel_hist.index_copy_(0, at, rel.view(1, -1))
+        self.compute_hist.index_copy_(0, at, compute.view(1, -1))
+        for k, v in self.state.items():
+            self.state_hist[k].index_copy_(0, at, v.view(1, -1))
+        self.step.add_(1)
+        return compute, compute.any()
+
+    def history(self, calls: int | None = None) -> list[dict]:
+        """Per step (``calls`` steps, default every step taken): ``signal_rel_l1`` (None at the
+        first step: no reference yet), ``compute`` and the decider's recorded state, as
+        Python lists (read back from the device here, once)."""
+        n = min(int(self.step) if calls is None else calls, self.steps)
+        rel, comp = self.rel_hist[:n].tolist(), self.compute_hist[:n].tolist()
+        state = {k: v[:n].tolist() for k, v in self.state_hist.items()}
+        return [{"signal_rel_l1": None if i == 0 else rel[i], "compute": comp[i],
+                 **{k: v[i] for k, v in state.items()}} for i in range(n)]
 
 
 # ------------------------------------------------------------------ summary
@@ -191,6 +292,10 @@ class RunSummary:
     flops_uncached``: FLOPs from the model's per-part counts (our DiT) or the linear layers
     each block ran (diffusers), times the rows that ran each part. ``contexts``: per cache
     context (diffusers), its own trace, compute fraction and statistics.
+    ``flops_sub_batch`` (a dynamic policy's ``mode="device"``): the FLOPs the host mode's
+    sub-batches would spend at the same decisions; ``flops`` counts what the device mode
+    spent (every row of a step in which any sample computes), so ``flops - flops_sub_batch``
+    is what mixing samples with ``torch.where`` instead of a synced sub-batch costs.
     """
 
     policy: str
@@ -207,6 +312,7 @@ class RunSummary:
     blocks: int | None = None
     kind: str = "static"
     contexts: dict = dataclasses.field(default_factory=dict)
+    flops_sub_batch: float | None = None
 
     @property
     def compute_fraction(self) -> float | None:

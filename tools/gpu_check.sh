@@ -12,7 +12,10 @@
 #              setup.py finds the toolkit and builds sm_80, sm_90a and compute_90 PTX)
 #   import     import omnicache.ops in a subprocess; the cuda backend must be available
 #   cuda-tests pytest -m cuda tests        (CUDA and Triton backends vs reference, opcheck,
-#                                          compile, CUDA-graph capture and replay)
+#                                          compile, CUDA-graph capture and replay, incl. a whole
+#                                          dynamic mode="device" step with torch.cond as CUDA
+#                                          conditional nodes: tests/test_device_mode.py,
+#                                          tests/test_diffusers_device.py)
 #   memcheck   compute-sanitizer --tool memcheck  pytest tests/ops/test_cuda.py (kernel tests)
 #   racecheck  compute-sanitizer --tool racecheck pytest tests/ops/test_cuda.py (kernel tests)
 #              (skipped, and recorded so, when compute-sanitizer is not installed)

@@ -8,7 +8,10 @@ asks once per step, per sample. A ``CachePlan`` is accepted wherever a config is
 A decider has ``first_blocks`` (blocks computed before deciding), ``ref_every_step``,
 ``start(batch)``, ``signal(model, h0, h, c) -> Tensor``, ``signal_flops(flops, config)``,
 ``decide(i, rel) -> list[bool]`` and ``record() -> dict``; see
-:mod:`omnicache.runtime.executor`.
+:mod:`omnicache.runtime.executor`. Dynamic configs have ``mode``: ``"host"`` (the above,
+one host sync per step) or ``"device"``, where :class:`omnicache.cache.DeviceDecisions`
+drives the decider's device half: ``device_state(samples, device) -> dict``,
+``device_forced(step) -> Tensor`` and ``decide_device(rel, forced, state) -> Tensor``.
 """
 
 from ..plan import CachePlan

@@ -7,7 +7,9 @@ import math
 
 from ..plan import GRANULARITIES
 
-__all__ = ["check_int", "check_number", "check_granularity", "refresh_steps", "describe"]
+__all__ = ["check_int", "check_number", "check_granularity", "check_mode", "refresh_steps", "describe", "MODES"]
+
+MODES = ("host", "device", "device-where")  # dynamic policies: where the decision is taken
 
 
 def check_int(config, name: str, lo: int = 0) -> None:
@@ -32,6 +34,15 @@ def check_granularity(config, granularity, allowed=GRANULARITIES) -> str:
         field = f"{type(config).__name__}.granularity" if granularity is None else "granularity"
         raise ValueError(f"{field} must be one of {', '.join(allowed)}, got {g!r}")
     return g
+
+
+def check_mode(config) -> None:
+    """``config.mode``: ``"host"`` (one sync per step), ``"device"`` (the decision on the device,
+    compute-or-reuse through ``torch.cond``) or ``"device-where"`` (the same decision; the rest
+    always computed and selected with ``torch.where``: no predicate read anywhere, full FLOPs)."""
+    if config.mode not in MODES:
+        raise ValueError(f"{type(config).__name__}.mode must be one of {', '.join(map(repr, MODES))}, "
+                         f"got {config.mode!r}")
 
 
 def refresh_steps(steps: int, interval: int, warmup: int) -> list[bool]:

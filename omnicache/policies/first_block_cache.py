@@ -10,6 +10,9 @@ Reuse adds the cached residual of the remaining blocks ``Fn..depth-1`` (one resi
 ``apply_residual_``); compute runs them and stores their residual (``store_residual_``)
 and makes ``r_i`` the new reference. Comparing with the last *computed* step (not the
 previous step) keeps slow drift from going unseen. The first ``warmup`` steps compute.
+
+``mode="device"`` (or ``"device-where"``, see :func:`.common.check_mode`): the same rule on device tensors (:meth:`FirstBlockCacheDecider.decide_device`,
+through :class:`omnicache.cache.DeviceDecisions`): no host sync per step.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .common import check_granularity, check_int, check_number
+import torch
+
+from .common import check_granularity, check_int, check_mode, check_number
 
 __all__ = ["FirstBlockCacheConfig"]
 
@@ -25,12 +30,14 @@ __all__ = ["FirstBlockCacheConfig"]
 @dataclass(frozen=True)
 class FirstBlockCacheConfig:
     """``threshold``: relative-L1 change of the first blocks' residual below which the rest
-    is reused; ``first_blocks``: Fn blocks always computed; ``warmup``: first steps computed."""
+    is reused; ``first_blocks``: Fn blocks always computed; ``warmup``: first steps computed;
+    ``mode``: ``"host"`` (one sync per step) or ``"device"`` (no sync; see the module docstring)."""
 
     threshold: float = 0.08
     first_blocks: int = 1
     warmup: int = 1
     granularity: str = "step"
+    mode: str = "host"
     kind: ClassVar[str] = "dynamic"
 
     def __post_init__(self):
@@ -38,6 +45,7 @@ class FirstBlockCacheConfig:
         check_int(self, "first_blocks", 1)
         check_int(self, "warmup", 1)
         check_granularity(self, None, ("step",))
+        check_mode(self)
 
     def decider(self, steps: int, blocks: int, granularity: str | None = None) -> FirstBlockCacheDecider:
         check_granularity(self, granularity, ("step",))
@@ -54,6 +62,7 @@ class FirstBlockCacheDecider:
 
     def __init__(self, config: FirstBlockCacheConfig):
         self.config, self.first_blocks, self.batch = config, config.first_blocks, 0
+        self.mode = config.mode
 
     def start(self, batch: int) -> None:
         self.batch = batch
@@ -71,3 +80,14 @@ class FirstBlockCacheDecider:
 
     def record(self) -> dict:
         return {}
+
+    # ------------------------------------------------ mode="device" (omnicache.cache.DeviceDecisions)
+    def device_state(self, samples: int, device) -> dict:
+        return {}
+
+    def device_forced(self, step: torch.Tensor) -> torch.Tensor:
+        return step < self.config.warmup
+
+    def decide_device(self, rel: torch.Tensor, forced: torch.Tensor, state: dict) -> torch.Tensor:
+        """:meth:`decide` on device tensors (``rel`` compared in float64, as the host's floats)."""
+        return forced | (rel.to(torch.float64) >= self.config.threshold)

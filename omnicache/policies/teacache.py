@@ -9,8 +9,11 @@ rescales it to the expected relative change of the block stack's output residual
     acc += p(rel_i);   compute (and acc = 0) if acc >= threshold, else reuse
 
 at step granularity: reuse is ``h += R`` with ``R`` the residual of the whole block stack
-at the sample's last computed step. The first and last steps always compute. The
-default ``coefficients`` are the identity; :func:`fit_teacache_coefficients` fits them on
+at the sample's last computed step. The first and last steps always compute.
+
+``mode="device"`` (or ``"device-where"``, see :func:`.common.check_mode`): the accumulators are float64 device tensors and the same rule runs
+there (:meth:`TeaCacheDecider.decide_device`, through :class:`omnicache.cache.DeviceDecisions`):
+no host sync per step. The default ``coefficients`` are the identity; :func:`fit_teacache_coefficients` fits them on
 a model from one uncached run.
 """
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from ..runtime.model import modulate
-from .common import check_granularity, check_number
+from .common import check_granularity, check_mode, check_number
 
 __all__ = ["TeaCacheConfig", "fit_teacache_coefficients"]
 
@@ -32,11 +35,14 @@ __all__ = ["TeaCacheConfig", "fit_teacache_coefficients"]
 @dataclass(frozen=True)
 class TeaCacheConfig:
     """``threshold``: accumulated rescaled change that triggers a compute (0 computes every
-    step); ``coefficients``: rescaling polynomial, highest degree first."""
+    step); ``coefficients``: rescaling polynomial, highest degree first; ``mode``: ``"host"``
+    (the decision on the host, one sync per step) or ``"device"`` (state, threshold test and
+    compute-or-reuse on the device: no sync, ``fullgraph`` compile, CUDA graphs)."""
 
     threshold: float = 0.05
     coefficients: tuple = (1.0, 0.0)
     granularity: str = "step"
+    mode: str = "host"
     kind: ClassVar[str] = "dynamic"
 
     def __post_init__(self):
@@ -48,6 +54,7 @@ class TeaCacheConfig:
                              f"got {coef!r}")
         object.__setattr__(self, "coefficients", tuple(float(v) for v in coef))
         check_granularity(self, None, ("step",))
+        check_mode(self)
 
     def decider(self, steps: int, blocks: int, granularity: str | None = None) -> TeaCacheDecider:
         check_granularity(self, granularity, ("step",))
@@ -62,6 +69,7 @@ class TeaCacheDecider:
 
     def __init__(self, config: TeaCacheConfig, steps: int):
         self.config, self.steps, self.acc = config, steps, []
+        self.mode = config.mode
 
     def signal(self, model, h0, h, c):
         blk = model.blocks[0]
@@ -90,6 +98,26 @@ class TeaCacheDecider:
 
     def record(self) -> dict:
         return {"accumulated": list(self.acc)}
+
+    # ------------------------------------------------ mode="device" (omnicache.cache.DeviceDecisions)
+    def device_state(self, samples: int, device) -> dict:
+        return {"accumulated": torch.zeros(samples, dtype=torch.float64, device=device)}
+
+    def device_forced(self, step: torch.Tensor) -> torch.Tensor:
+        """The first and the last step compute (``step``: a device counter)."""
+        return (step == 0) | (step == self.steps - 1)
+
+    def decide_device(self, rel: torch.Tensor, forced: torch.Tensor, state: dict) -> torch.Tensor:
+        """:meth:`decide` on device tensors: ``acc += p(rel)`` (float64, Horner as ``numpy.polyval``),
+        compute where ``acc >= threshold`` or forced, and ``acc = 0`` where it computes."""
+        acc, x = state["accumulated"], rel.to(torch.float64)
+        p = torch.zeros_like(x)
+        for coef in self.config.coefficients:
+            p = p * x + coef
+        new = torch.where(forced, torch.zeros_like(acc), acc + p)
+        compute = forced | (new >= self.config.threshold)
+        acc.copy_(torch.where(compute, torch.zeros_like(new), new))
+        return compute
 
 
 def fit_teacache_coefficients(model, sampler, steps: int, labels: torch.Tensor, *, guidance: float = 1.0,

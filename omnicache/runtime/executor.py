@@ -27,6 +27,20 @@ the loop: the loop does no host synchronisation (checked by
 sample: the one host sync per step), and ask ``decider.decide(i, rel)`` per sample.
 Samples that compute run the remaining blocks as a sub-batch (``index_select`` /
 ``index_copy_``); the others reuse the residual of the remaining blocks.
+
+**Dynamic policies, ``mode="device"``** (no host sync): :meth:`CacheExecutor.device_forward`
+is one step's model pass with the decision on the device
+(:class:`omnicache.cache.DeviceDecisions`: state, threshold test, reference update) and
+compute-or-reuse through ``torch.cond``: when any sample computes, the remaining blocks run
+on the whole batch and each sample's rows are mixed with ``torch.where`` (the samples that
+reuse get ``h + F``, their ``F`` is kept), else every row reuses. The signature is fixed
+(``x_model``, ``t`` tensors; the step counter is a device tensor), so
+``torch.compile(ex.device_forward, fullgraph=True)`` compiles once for the whole run.
+``mode="device-where"`` skips ``torch.cond`` (whose predicate ``torch.cond`` itself reads on
+the host outside a CUDA-graph capture): the rest runs every step and ``torch.where`` selects.
+Decisions are read back only by the summary; ``RunSummary.flops`` is what the mode spent
+(the whole batch whenever one sample computes) and ``flops_sub_batch`` what the host
+mode's sub-batches would spend at the same decisions.
 """
 
 from __future__ import annotations
@@ -37,7 +51,8 @@ import time
 
 import torch
 
-from ..cache import COMPUTE, REUSE, STORE, CacheUnit, RunSummary, plan_order, relative_change, unit_actions
+from ..cache import (COMPUTE, REUSE, STORE, CacheUnit, DeviceDecisions, RunSummary, plan_order, relative_change,
+                     select_rows, unit_actions)
 from ..filters import filter_delta
 from ..plan import CachePlan
 from .samplers import cfg_batch, cfg_combine, cfg_labels, make_sampler
@@ -95,6 +110,7 @@ class CacheExecutor:
         else:
             self.plan, self.decider = None, policy.decider(steps, depth, granularity=granularity)
         self.policy_name = type(policy).__name__.removesuffix("Config")
+        self._device, self._device_wall = None, None  # mode="device": the decision's device state
         if self.plan is not None:
             self.policy_name = self.plan.meta.get("policy", self.policy_name)
             self._prepare_static()
@@ -118,6 +134,8 @@ class CacheExecutor:
     def cache_bytes(self) -> int:
         """Bytes held across steps: cache buffers, plus a dynamic policy's reference signal."""
         ref = self._ref.nbytes if self.decider is not None and self._ref is not None else 0
+        if self._device is not None:
+            ref = self._device.nbytes
         return ref + sum(unit.nbytes for unit in self._cache.values())
 
     def _prepare_static(self):
@@ -167,6 +185,9 @@ class CacheExecutor:
         self.granularity = "step"
         self._cache = {"rest": CacheUnit(0).allocate(self._zeros())}
         self._ref = None  # the decider's reference signal (rows, T, D)
+        if getattr(self.decider, "mode", "host") in ("device", "device-where"):  # every device buffer, once
+            self._device = DeviceDecisions(self.decider, self.steps, self._zeros(), self.batch,
+                                           rows_per_sample=self.rows_per_sample)
 
     # ---------------------------------------------------------------- shared step parts
     # ------------------------------------------------ the engine interface for methods
@@ -187,6 +208,8 @@ class CacheExecutor:
         """Zero every cache buffer (a run starts from empty caches)."""
         for unit in self._cache.values():
             unit.reset()
+        if self._device is not None:
+            self._device.reset()
 
     def set_gamma(self, i: int, gamma: float, gamma2: float) -> None:
         """Change step ``i``'s forecast coefficients in place (the plan and its device scalar)."""
@@ -310,6 +333,63 @@ class CacheExecutor:
         stats = {"signal_rel_l1": rel, "compute": compute, **dec.record(), "residual_rel_l1": store}
         return self._finish(i, x, h, c), len(samples) * R, stats
 
+    # ---------------------------------------------------------- dynamic, mode="device"
+    def device_forward(self, x_model: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``mode="device"``: the model output at one step (guidance applied) from the sampler's
+        model input, deciding and caching on the device; no value is read back to the host.
+
+        The remaining blocks run inside ``torch.cond(any sample computes, ...)``; see the module
+        docstring. ``torch.compile(ex.device_forward, fullgraph=True)`` and assign it back
+        (``ex.device_forward = ...``) to run compiled."""
+        if self._device is None:
+            raise ValueError("device_forward needs a dynamic policy with mode='device'")
+        dec, dd = self.decider, self._device
+        if self.cfg:
+            x_model, t = cfg_batch(x_model), cfg_batch(t)
+        h, c = self.model.embed(x_model.to(self.dtype), t, self.y)
+        h = h.contiguous()
+        h0 = h
+        for blk in self.blocks[: dec.first_blocks]:
+            h = blk(h, c)
+        compute, any_compute = dd.decide(dec.signal(self.model, h0, h, c))
+        F = self._cache["rest"].F
+        rest = self.blocks[dec.first_blocks:]
+
+        def run_rest(h, c, F, compute):  # the whole batch; the samples that reuse are mixed back
+            out = h
+            for blk in rest:
+                out = blk(out, c)
+            return select_rows(compute, out, h + F), select_rows(compute, out - h, F)
+
+        def reuse(h, c, F, compute):
+            return h + F, F.clone()
+
+        if self.decider.mode == "device-where":  # no predicate to read: always compute, then select
+            h, F_new = run_rest(h, c, F, compute)
+        else:
+            h, F_new = torch.cond(any_compute, run_rest, reuse, (h, c, F, compute))
+        F.copy_(F_new)
+        out = self.model.final(h, c).float()
+        return cfg_combine(out, self.guidance) if self.cfg else out
+
+    def _device_summary(self, wall):
+        """The device mode's summary: decisions read back here, once."""
+        f, depth, rows, R = self.flops, len(self.blocks), self.rows, self.rows_per_sample
+        dec, steps = self.decider, self.steps
+        hist = self._device.history(steps)
+        block = f["block_attn"] + f["block_mlp"] + f["block_modulation"]
+        per_step = f["embed"] + f["final"] + dec.first_blocks * block + dec.signal_flops(f, self.model.config)
+        n_comp = [sum(d["compute"]) for d in hist]
+        rest = (depth - dec.first_blocks) * block
+        where = dec.mode == "device-where"  # the rest runs every step
+        flops = float(steps * rows * per_step + sum(rows for n in n_comp if n or where) * rest)
+        sub = float(steps * rows * per_step + sum(n * R for n in n_comp) * rest)
+        decisions = torch.ones(steps, depth, 2)
+        decisions[:, dec.first_blocks:] = torch.tensor(n_comp, dtype=torch.float32)[:, None, None] / self.batch
+        raw = [{**d, "residual_rel_l1": None} for d in hist]
+        return RunSummary(self.policy_name, self.granularity, decisions, flops, float(steps * rows * f["total"]),
+                          wall, self.cache_bytes, self.batch, R, raw, flops_sub_batch=sub)
+
     # ------------------------------------------------------------------------ run
     def init_noise(self, seed: int = 0) -> torch.Tensor:
         cfg = self.model.config
@@ -320,15 +400,31 @@ class CacheExecutor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def summary(self) -> RunSummary:
+        """``mode="device"``: the last run's summary (its decisions read back from the device now)."""
+        if self._device is None or self._device_wall is None:
+            raise ValueError("summary(): only after a run with a dynamic policy in mode='device'")
+        return self._device_summary(self._device_wall)
+
     @torch.no_grad()
-    def run(self, seed: int = 0, x: torch.Tensor | None = None):
-        """Sample from noise drawn with ``seed`` (or from ``x``); returns ``(x_final, RunSummary)``."""
+    def run(self, seed: int = 0, x: torch.Tensor | None = None, summary: bool = True):
+        """Sample from noise drawn with ``seed`` (or from ``x``); returns ``(x_final, RunSummary)``.
+
+        ``summary=False`` (``mode="device"``): return ``(x_final, None)`` without reading anything
+        back; :meth:`summary` reads the decisions later."""
         x = self.init_noise(seed) if x is None else x
         self.reset_cache()  # every run starts from empty (zero) caches
         f, depth, rows, steps = self.flops, len(self.blocks), self.rows, self.steps
         raw, ran_rest = [], []
         self._sync()
         t0 = time.perf_counter()
+        if self._device is not None:  # no host sync until the summary
+            for i in range(steps):
+                x_model, t = self.sampler.model_input(i, x)
+                x = self.sampler.step(i, x, self.device_forward(x_model, t))
+            self._sync()
+            self._device_wall = time.perf_counter() - t0
+            return x, self.summary() if summary else None
         if self.plan is not None:
             for i in range(steps):
                 x, stats = self._static_step(i, x)

@@ -59,16 +59,21 @@ def plan_fraction(rt) -> float | None:
 def summary(rt) -> RunSummary:
     contexts, spent, uncached, decisions = {}, 0.0, 0.0, []
     calls = computed = 0
+    sub_batch = 0.0 if rt.device_mode else None  # mode="device": what sub-batches would spend
     for name, ctx in rt.contexts.items():
         if not ctx.trace:  # a context no call ran in (the one enable() starts in, with a pipeline)
             continue
+        # mode="device": trace, stats and FLOPs from the device history (the one read-back)
+        device_flops = rt._device_resolve(ctx) if rt.device_mode else None
         steps = []
         for st in ctx.stats:
             d = {k: v for k, v in st.items() if k != "residual"}
             rel = [s[:, 0].sum() / s[:, 1].sum() for s in st["residual"] if s is not None]
             d["residual_rel_l1"] = torch.stack(rel).mean().item() if rel else None
             steps.append(d)
-        s, u = context_flops(rt, ctx)
+        s, u = context_flops(rt, ctx) if device_flops is None else (device_flops[0], device_flops[2])
+        if device_flops is not None:
+            sub_batch += device_flops[1]
         n_comp, n_all = sum(map(sum, ctx.trace)), len(ctx.trace) * rt.n
         calls, computed = calls + n_all, computed + n_comp
         spent, uncached = spent + s, uncached + u
@@ -86,8 +91,9 @@ def summary(rt) -> RunSummary:
         spent, uncached = float(computed), float(calls)
     cache_bytes = sum(cu.nbytes for ctx in rt.contexts.values() for unit in ctx.units for cu in unit.values())
     cache_bytes += sum(ctx.ref.nbytes for ctx in rt.contexts.values() if ctx.ref is not None)
+    cache_bytes += sum(ctx.device.nbytes for ctx in rt.contexts.values() if ctx.device is not None)
     dec = torch.stack(decisions).mean(0) if decisions and len({d.shape for d in decisions}) == 1 else \
         torch.zeros(0, rt.n, 2)
     return RunSummary(rt.policy_name, rt.granularity, dec.clone(),
                       spent, uncached, 0.0, cache_bytes, 0, 1, steps=rt.steps, blocks=rt.n,
-                      kind=rt.kind, contexts=contexts)
+                      kind=rt.kind, contexts=contexts, flops_sub_batch=sub_batch)

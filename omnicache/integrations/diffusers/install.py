@@ -88,7 +88,7 @@ class _Installer:
 
     def after_call(self, module, args, output):
         self.rt.after_call()
-        if self.rt.kind == "static":
+        if self.rt.kind == "static" or self.rt.device_mode:
             self.switch(self.rt.current.name)
         return output
 

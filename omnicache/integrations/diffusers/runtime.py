@@ -51,6 +51,7 @@ from ...plan import CachePlan
 from ..distributed import context_parallel_group
 from . import accounting
 from .adapters import MODELS, model_blocks
+from .device import DeviceMode
 
 __all__ = ["Runtime"]
 
@@ -75,14 +76,16 @@ class _Context:
     decisions: list | None = None  # per-sample mode: this call's decision per sample
     batch: int = 0  # per-sample mode: the batch the decider was started with
     row_stored: list | None = None  # per-sample mode: per sample, a residual is stored
+    device: object = None  # mode="device": the decision's device state (omnicache.cache.DeviceDecisions)
 
     def __post_init__(self):
         self.units = [{} for _ in range(self.n_units)]
         self.stored = [False] * self.n_units
 
 
-class Runtime:
-    """Everything :func:`.install.enable` installs on one transformer (see the module docstring)."""
+class Runtime(DeviceMode):
+    """Everything :func:`.install.enable` installs on one transformer (see the module docstring;
+    dynamic policies' ``mode="device"``: :mod:`.device`)."""
 
     def __init__(self, transformer, pipe, config, steps, granularity, group, check_plan=True, per_sample=False):
         self.transformer, self.pipe, self.config, self.group = transformer, pipe, config, group
@@ -117,6 +120,9 @@ class Runtime:
             if undeclared:
                 raise TypeError(f"per_sample: block class(es) {', '.join(undeclared)} declare no batched "
                                 f"arguments (adapters.BlockIO.batched)")
+        self.device_mode = self.kind == "dynamic" and getattr(config, "mode", "host") in ("device", "device-where")
+        self.device_where = self.device_mode and config.mode == "device-where"
+        self.device_first, self.device_mask, self.device_any = False, None, None
         self.policy_name = (config.meta.get("policy", "CachePlan") if isinstance(config, CachePlan)
                             else type(config).__name__.removesuffix("Config"))
         self.steps = None
@@ -214,6 +220,8 @@ class Runtime:
         if self.kind == "dynamic":
             ctx.decider = self.config.decider(self.steps or 2**31 - 1, self.n)
             ctx.decider.start(1)  # one decision per call: the whole batch (per-sample: at the first call)
+            if self.device_mode:
+                self._device_restart(ctx)
         for unit in ctx.units:  # every run starts from empty (zero) caches, as the executor's
             for cu in unit.values():
                 cu.reset()
@@ -228,6 +236,8 @@ class Runtime:
     def prepare(self, ctx):
         """Set what the next call of ``ctx`` reads; returns the static pattern key (or None)."""
         self.current = ctx
+        if self.device_mode:  # the first call (allocating) and the steady state: one variant each
+            return ("device", ctx.device is not None)
         if self.kind != "static":
             return None
         if self.steps is None:
@@ -285,6 +295,9 @@ class Runtime:
             ctx.stats.append({"residual": stats, "gamma": self.plan.gamma[ctx.step]})
             for u, a in enumerate(acts):
                 ctx.stored[u] |= a == STORE
+        elif self.device_mode:  # placeholders until the summary reads the device history
+            computed, parts = [True] * self.n, [[True] * 3] * self.n
+            ctx.stats.append({"residual": stats})
         else:
             if ctx.decisions is not None:  # per-sample: the fraction of samples that ran the rest
                 frac = sum(ctx.decisions) / len(ctx.decisions)
@@ -350,6 +363,8 @@ class Runtime:
         self.inp[u] = None
 
     def block_forward(self, k, orig, *args, **kwargs):
+        if self.device_mode:
+            return self._device_block(k, orig, args, kwargs)
         if self.kind == "dynamic":
             return self._dynamic_block(k, orig, args, kwargs)
         if self.step_actions is None:
