@@ -48,6 +48,8 @@ import time
 
 import torch
 
+from omnicache.io import atomic_write_text
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -218,7 +220,7 @@ def main(argv=None):
     }
     out = args.out or RESULTS / f"device-mode-cpu-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"wrote {out}")
     return result
@@ -251,7 +253,7 @@ def flops_comparison(out=None, samples=8, steps=50):
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "rows": rows, "command": "python benchmarks/device_mode.py --flops"}
     out = out or RESULTS / f"device-mode-flops-{datetime.date.today().isoformat()}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     lines = ["| policy | host: sub-batches | device: where-mix | extra FLOPs | same decisions |", "|---|---:|---:|---:|---|"]
     lines += [f"| {r['policy']} | {r['host_sub_batch']:.3f} | {r['device_where_mix']:.3f} | {r['extra_flops']:.2f}x | "
               f"{r['same_decisions']} |" for r in rows]
