@@ -65,7 +65,7 @@ def _apply_residual_kernel(
             s += c
         elif GAMMA_MODE == 1:
             s += tl.load(gamma_ptr) * c
-        else:
+        elif GAMMA_MODE == 2:
             s += tl.load(gamma_ptr + b * GSTRIDE, mask=mask, other=0.0) * c
     if HAS_CORRECTION2:
         c2 = tl.load(correction2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -73,10 +73,10 @@ def _apply_residual_kernel(
             s += c2
         elif GAMMA_MODE == 1:
             s += tl.load(gamma_ptr + 1) * c2
-        else:
+        elif GAMMA_MODE == 2:
             s += tl.load(gamma_ptr + b * GSTRIDE + 1, mask=mask, other=0.0) * c2
     if HAS_GATE:
-        col = (offs - b * N) % D
+        col = (offs - b * N).to(tl.int32) % D  # index within the sample (< N) fits int32: no 64-bit modulo
         s *= tl.load(gate_ptr + b * D + col, mask=mask, other=0.0).to(tl.float32)
     h = tl.load(hidden_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(hidden_ptr + offs, (h + s).to(hidden_ptr.dtype.element_ty), mask=mask)
