@@ -124,3 +124,36 @@ def atomic_write_json(path, obj, *, indent: int | None = 1, allow_nan: bool = Fa
     """Write ``obj`` as JSON plus a newline, atomically; ``allow_nan=False`` (the default)
     refuses NaN and Infinity (not JSON) before anything is written."""
     atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
+
+
+def read_safetensors(source, where: str) -> dict:
+    """The tensors of a safetensors file (a path or a ``Traversable``); a malformed file is a
+    ``ValueError`` naming ``where``. Never unpickles anything."""
+    from safetensors.torch import load as load_safetensors_bytes
+
+    raw = source.read_bytes()  # a missing file raises FileNotFoundError with its path
+    try:
+        return load_safetensors_bytes(raw)
+    except Exception as e:  # safetensors raises its own error type for malformed headers
+        raise ValueError(f"{where}: not a valid safetensors file ({e})") from None
+
+
+def check_state(tensors: dict, expected: dict, where: str, hint: str = "") -> None:
+    """Weights ``tensors`` against a skeleton's ``expected`` state dict (e.g. built on the meta
+    device): the same names and shapes, floating point, finite; else a ``ValueError`` naming
+    ``where`` and the tensor (``hint`` is appended to shape errors, e.g. the config field)."""
+    import torch
+
+    for key in expected:
+        if key not in tensors:
+            raise ValueError(f"{where}: missing tensor '{key}'")
+    for key, value in tensors.items():
+        if key not in expected:
+            raise ValueError(f"{where}: unexpected tensor '{key}'")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{where}: tensor '{key}' has shape {tuple(value.shape)}, "
+                             f"expected {tuple(expected[key].shape)}{hint}")
+        if not value.is_floating_point():
+            raise ValueError(f"{where}: tensor '{key}' must be floating point, got {value.dtype}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{where}: tensor '{key}' has non-finite values")

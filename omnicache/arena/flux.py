@@ -46,7 +46,8 @@ import numbers
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
+
+from ..io import check_state, read_safetensors
 
 __all__ = [
     "ARENAS",
@@ -134,31 +135,6 @@ def _read_json(source, where):
     return obj
 
 
-def _read_safetensors(source, where):
-    raw = source.read_bytes()  # a missing file raises FileNotFoundError with its path
-    try:
-        return load_safetensors_bytes(raw)
-    except Exception as e:  # safetensors raises its own error type for malformed headers
-        raise ValueError(f"{where}: not a valid safetensors file ({e})") from None
-
-
-def _check_state(tensors, expected, where):
-    for key in expected:
-        if key not in tensors:
-            raise ValueError(f"{where}: missing tensor '{key}'")
-    for key, value in tensors.items():
-        if key not in expected:
-            raise ValueError(f"{where}: unexpected tensor '{key}'")
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"{where}: tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-            )
-        if not value.is_floating_point():
-            raise ValueError(f"{where}: tensor '{key}' must be floating point, got {value.dtype}")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{where}: tensor '{key}' has non-finite values")
-
-
 def _build_flux(name, data_dir, device, dtype):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -170,8 +146,8 @@ def _build_flux(name, data_dir, device, dtype):
             f"{name}/{CONFIG_FILE}: field '_class_name' must be 'FluxTransformer2DModel', got {cls_name!r}"
         )
     transformer = FluxTransformer2DModel.from_config(config)
-    state = _read_safetensors(folder.joinpath(WEIGHTS_FILE), f"{name}/{WEIGHTS_FILE}")
-    _check_state(state, transformer.state_dict(), f"{name}/{WEIGHTS_FILE}")
+    state = read_safetensors(folder.joinpath(WEIGHTS_FILE), f"{name}/{WEIGHTS_FILE}")
+    check_state(state, transformer.state_dict(), f"{name}/{WEIGHTS_FILE}")
     transformer.load_state_dict({k: v.float() for k, v in state.items()})
     transformer = transformer.to(device=device)
     if dtype != torch.float32:
@@ -192,13 +168,13 @@ def _build_flux(name, data_dir, device, dtype):
     )
 
     where = f"{name}/{LABELS_FILE}"
-    table = _read_safetensors(folder.joinpath(LABELS_FILE), where)
+    table = read_safetensors(folder.joinpath(LABELS_FILE), where)
     num_labels = NUM_CLASSES + 1
     expected = {
         "prompt_embeds": torch.empty(num_labels, TEXT_TOKENS, config["joint_attention_dim"]),
         "pooled_prompt_embeds": torch.empty(num_labels, config["pooled_projection_dim"]),
     }
-    _check_state(table, expected, where)
+    check_state(table, expected, where)
 
     record = _read_json(folder.joinpath(ARENA_JSON), f"{name}/{ARENA_JSON}")
     scale = record.get("true_cfg_scale")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load as load_safetensors_bytes
 
+from ..io import check_state, read_safetensors
 from .model import DiT, DiTConfig
 
 __all__ = ["DigitClassifier", "default_info", "load_default", "load_classifier", "default_l2c_plan", "DEFAULT_JSON"]
@@ -120,28 +120,10 @@ def _load_state(build, source, device, dtype, field):
     against the file before any memory is allocated for them. ``field`` names the config
     in ``default_model.json`` that the sizes come from."""
     where = getattr(source, "name", str(source))
-    raw = source.read_bytes()  # a missing file raises FileNotFoundError with its path
-    try:
-        tensors = load_safetensors_bytes(raw)
-    except Exception as e:  # safetensors raises its own error type for malformed headers
-        raise ValueError(f"{where}: not a valid safetensors file ({e})") from None
+    tensors = read_safetensors(source, where)
     with torch.device("meta"):
         expected = build().state_dict()  # shapes only, nothing allocated
-    for key in expected:
-        if key not in tensors:
-            raise ValueError(f"{where}: missing tensor '{key}'")
-    for key, value in tensors.items():
-        if key not in expected:
-            raise ValueError(f"{where}: unexpected tensor '{key}'")
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f"{where}: tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)} "
-                f"(from {DEFAULT_JSON} field {field})"
-            )
-        if not value.is_floating_point():
-            raise ValueError(f"{where}: tensor '{key}' must be floating point, got {value.dtype}")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{where}: tensor '{key}' has non-finite values")
+    check_state(tensors, expected, where, hint=f" (from {DEFAULT_JSON} field {field})")
     module = build()
     module.load_state_dict({k: v.float() for k, v in tensors.items()})
     return module.to(device=device, dtype=dtype).eval()
