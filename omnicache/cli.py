@@ -4,18 +4,17 @@
     omnicache eval --policy NAME [...]         measure chosen policies the same way, to JSON
     omnicache calibrate --policy omnicache --compute-fraction F --out plan.json
     omnicache train-router [--steps N --sampler S --lambda L --target-compute F --iters I --seed K] --out plan.json
-    omnicache train-default [...]              train the embedded default model and classifier
-    omnicache train-arena flux [...]           train the Flux digits arena (a diffusers model, package data)
+    omnicache train-default [...] | train-arena flux [...]    train the embedded model | the Flux digits arena
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
-import pathlib
 import sys
 import time
 from pathlib import Path
@@ -147,7 +146,7 @@ def _save_grid(rows: list[dict], path, columns: int = 10) -> None:
         plt.close(fig)
 
 
-def _write(out: pathlib.Path | None, rows: list[dict], bench, args) -> None:
+def _write(out: Path | None, rows: list[dict], bench, args) -> None:
     from .evaluate import public_row
 
     if out is None:
@@ -160,7 +159,7 @@ def _write(out: pathlib.Path | None, rows: list[dict], bench, args) -> None:
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
 
 
-def _write_demo(out: pathlib.Path, rows: list[dict], bench, args) -> None:
+def _write_demo(out: Path, rows: list[dict], bench, args) -> None:
     """``samples.png`` and ``demo.json`` in ``out``, both or neither: the image is drawn to a
     temporary file first and put in place only once the JSON is written (atomically)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +214,7 @@ def cmd_demo(args) -> int:
                 continue
             rows.append(bench.measure(config))
     print(format_table(rows))
-    out = pathlib.Path(args.out)
+    out = Path(args.out)
     _write_demo(out, rows, bench, args)
     print(f"wrote {out / 'samples.png'} and {out / 'demo.json'}")
     return 0
@@ -254,7 +253,7 @@ def cmd_eval(args) -> int:
             config = make_config(name, sets)
         rows.append(bench.measure(config))
     print(format_table(rows))
-    _write(pathlib.Path(args.json) if args.json else None, rows, bench, args)
+    _write(Path(args.json) if args.json else None, rows, bench, args)
     return 0
 
 
@@ -279,12 +278,6 @@ def _saved_plan(name: str, args):
         raise ValueError(f"{where}: {e}") from None
     label = f"{plan.meta.get('policy', 'plan')}(plan={Path(path).name})"
     return dataclasses.replace(plan, meta=dict(plan.meta, policy=label))
-
-
-def cmd_train_default(args, rest) -> int:
-    from . import train_default
-
-    return train_default.main(rest) or 0
 
 
 def _calibrate_parser() -> argparse.ArgumentParser:
@@ -482,20 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _trainer(module: str):
+    """A command that hands its arguments to a trainer's own ``main`` (imported when run)."""
+    return lambda argv: importlib.import_module(module, __package__).main(argv) or 0
+
+
+ARGV_COMMANDS = {"calibrate": cmd_calibrate, "train-router": cmd_train_router,  # they parse their own arguments
+                 "train-default": _trainer(".train_default"), "train-arena": _trainer(".arena.train")}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv[:1] == ["train-arena"]:
-        from .arena import train as train_arena
-
-        return train_arena.main(argv[1:]) or 0
-    if argv[:1] == ["train-default"]:
-        return cmd_train_default(None, argv[1:])
-    if argv[:1] == ["calibrate"]:
-        return cmd_calibrate(argv[1:])
-    if argv[:1] == ["train-router"]:
-        return cmd_train_router(argv[1:])
-    args = parser.parse_args(argv)
+    if argv[:1] and argv[0] in ARGV_COMMANDS:
+        return ARGV_COMMANDS[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return {"demo": cmd_demo, "eval": cmd_eval}[args.command](args)
     except (ValueError, RuntimeError, OSError) as err:
