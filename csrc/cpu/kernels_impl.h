@@ -1,8 +1,11 @@
 // Kernel bodies, included three times by kernels.cpp: for the baseline ISA, under
 // `#pragma GCC target("avx2,fma,f16c")` and under the AVX-512 target. Everything is
-// computed in float32 on explicit 16-lane vectors (GCC vector extensions: one zmm
-// register with AVX-512, two ymm with AVX2, four xmm on the baseline), so every ISA
-// runs the same lanes in the same order and gives the same bits.
+// computed in float32 on the ISA's native vectors (GCC vector extensions: 16 floats in a
+// zmm with AVX-512, 8 in a ymm with AVX2, 4 in an xmm on the baseline). Reductions keep
+// one float32 sum per lane of a 16-element block on every ISA (lane j sums the elements
+// 16m + j), so every ISA adds the same numbers in the same order and gives the same
+// bits. Only native widths are used: GCC lowers a vector wider than the ISA's registers
+// through the stack and general registers, and its compares one lane at a time.
 // No include guard and no includes on purpose: see kernels.cpp.
 
 // Storage types: float, and half and bf16 as raw bits.
@@ -13,10 +16,18 @@ struct BF16 {
   uint16_t bits;
 };
 
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(4 * kLanes)));     // 16 floats
-typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));  // 16 float bit patterns
-typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));  // 16 half/bf16 bit patterns
+constexpr int kLanes = 16;  // the reduction block: one float32 sum per lane
+#if defined(OMNICACHE_F16C_512)
+constexpr int kWidth = 16;  // floats per native vector
+#elif defined(OMNICACHE_F16C_256)
+constexpr int kWidth = 8;
+#else
+constexpr int kWidth = 4;
+#endif
+constexpr int kParts = kLanes / kWidth;  // native vectors per block
+typedef float vf __attribute__((vector_size(4 * kWidth)));     // floats
+typedef uint32_t vu __attribute__((vector_size(4 * kWidth)));  // float bit patterns
+typedef uint16_t vh __attribute__((vector_size(2 * kWidth)));  // half/bf16 bit patterns
 
 #define OMNICACHE_INLINE inline __attribute__((always_inline))
 
@@ -98,7 +109,7 @@ OMNICACHE_INLINE U float_to_bf16_bits(F f) {
 }
 
 // ------------------------------------------------------------ loads and stores
-// load(p, i, tag) / store(p, i, v, tag): one element (One) or kLanes elements (Vec)
+// load(p, i, tag) / store(p, i, v, tag): one element (One) or kWidth elements (Vec)
 // starting at p[i], converted to / from float32. Unaligned vector accesses.
 struct One {};
 struct Vec {};
@@ -153,21 +164,11 @@ OMNICACHE_INLINE void store(F16* p, int64_t i, vf v, Vec) {
 }
 #elif defined(OMNICACHE_F16C_256)
 OMNICACHE_INLINE vf load(const F16* p, int64_t i, Vec) {
-  const __m128i* q = reinterpret_cast<const __m128i*>(p + i);
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(q));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(q + 1));
-  vf v;
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)));
 }
 OMNICACHE_INLINE void store(F16* p, int64_t i, vf v, Vec) {
-  __m256 lo, hi;
-  std::memcpy(&lo, &v, 32);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  __m128i* q = reinterpret_cast<__m128i*>(p + i);
-  _mm_storeu_si128(q, _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  _mm_storeu_si128(q + 1, _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i),
+                   _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 #else
 OMNICACHE_INLINE vf load(const F16* p, int64_t i, Vec) {
@@ -183,30 +184,24 @@ OMNICACHE_INLINE void store(F16* p, int64_t i, vf v, Vec) {
 // (no read-for-ownership of lines that are overwritten whole). Same bits as store.
 #if defined(OMNICACHE_F16C_512) || defined(OMNICACHE_F16C_256)
 #define OMNICACHE_STREAM_STORES 1
-OMNICACHE_INLINE void stream_vec(float* p, vf v) {
 #if defined(OMNICACHE_F16C_512)
-  _mm512_stream_ps(p, (__m512)v);
-#else
-  __m256 lo, hi;
-  std::memcpy(&lo, &v, 32);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  _mm256_stream_ps(p, lo);
-  _mm256_stream_ps(p + 8, hi);
-#endif
+OMNICACHE_INLINE void stream_vec(float* p, vf v) { _mm512_stream_ps(p, (__m512)v); }
+OMNICACHE_INLINE void stream_bits(void* p, __m256i h) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h); }
+OMNICACHE_INLINE __m256i half_bits(vf v) {
+  return _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
+#else
+OMNICACHE_INLINE void stream_vec(float* p, vf v) { _mm256_stream_ps(p, (__m256)v); }
+OMNICACHE_INLINE void stream_bits(void* p, __m128i h) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), h); }
+OMNICACHE_INLINE __m128i half_bits(vf v) {
+  return _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
 OMNICACHE_INLINE void stream_vec(BF16* p, vf v) {
   const vh h = __builtin_convertvector(float_to_bf16_bits<vu>(v), vh);
-  __m256i raw;
-  std::memcpy(&raw, &h, 32);
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), raw);
+  stream_bits(p, (decltype(half_bits(v)))h);
 }
-OMNICACHE_INLINE void stream_vec(F16* p, vf v) {
-  F16 tmp[kLanes];
-  store(tmp, 0, v, Vec{});  // the F16C conversion, then one aligned streaming store
-  __m256i raw;
-  std::memcpy(&raw, tmp, 32);
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), raw);
-}
+OMNICACHE_INLINE void stream_vec(F16* p, vf v) { stream_bits(p, half_bits(v)); }
 #endif
 
 template <class T>
@@ -216,7 +211,7 @@ OMNICACHE_INLINE void store_stream(T* p, int64_t i, float v, One) {
 template <class T>
 OMNICACHE_INLINE void store_stream(T* p, int64_t i, vf v, Vec) {
 #ifdef OMNICACHE_STREAM_STORES
-  if ((reinterpret_cast<uintptr_t>(p + i) & (sizeof(T) * kLanes - 1)) == 0) {
+  if ((reinterpret_cast<uintptr_t>(p + i) & (sizeof(T) * kWidth - 1)) == 0) {
     stream_vec(p + i, v);
     return;
   }
@@ -237,27 +232,30 @@ OMNICACHE_INLINE float abs_f(float x) { return std::fabs(x); }
 OMNICACHE_INLINE vf abs_f(vf x) { return (vf)((vu)x & 0x7FFFFFFFu); }
 
 // ------------------------------------------------------------ reductions
-// Sum of the 16 lanes in a fixed pairwise order.
-OMNICACHE_INLINE float lane_sum(vf v) {
+// Sum of the 16 lanes of a block (kParts native vectors) in a fixed pairwise order.
+OMNICACHE_INLINE float lane_sum(const vf* parts) {
   float l[kLanes], s8[8], s4[4];
-  std::memcpy(l, &v, sizeof l);
+  std::memcpy(l, parts, sizeof l);
   for (int j = 0; j < 8; ++j) s8[j] = l[j] + l[j + 8];
   for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 // Accumulates body(i, tag, terms) over [begin, end): element begin + 16m + j goes to
-// lane j; the tail (fewer than 16) to one scalar sum; then lanes and tail fold in a
-// fixed order into partials[0..K). body computes the same float32 arithmetic on a
-// vector (Vec) as on one element (One).
+// lane j (part j / kWidth of the block's accumulators); the tail (fewer than 16) to one
+// scalar sum; then lanes and tail fold in a fixed order into partials[0..K). body
+// computes the same float32 arithmetic on a vector (Vec: kWidth elements) as on one
+// element (One).
 template <int K, class Body>
 OMNICACHE_INLINE void reduce_lanes(int64_t begin, int64_t end, float* partials, Body body) {
-  vf acc[K] = {};
+  vf acc[K][kParts] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
-    vf t[K];
-    body(i, Vec{}, t);
-    for (int k = 0; k < K; ++k) acc[k] += t[k];
+    for (int p = 0; p < kParts; ++p) {
+      vf t[K];
+      body(i + p * kWidth, Vec{}, t);
+      for (int k = 0; k < K; ++k) acc[k][p] += t[k];
+    }
   }
   float tail[K] = {};
   for (; i < end; ++i) {
@@ -268,11 +266,12 @@ OMNICACHE_INLINE void reduce_lanes(int64_t begin, int64_t end, float* partials, 
   for (int k = 0; k < K; ++k) partials[k] = lane_sum(acc[k]) + tail[k];
 }
 
-// Runs body(i, tag) on [begin, end): vectors, then single elements.
+// Runs body(i, tag) on [begin, end): native vectors, then single elements (elementwise:
+// the width does not change any result).
 template <class Body>
 OMNICACHE_INLINE void for_each(int64_t begin, int64_t end, Body body) {
   int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) body(i, Vec{});
+  for (; i + kWidth <= end; i += kWidth) body(i, Vec{});
   for (; i < end; ++i) body(i, One{});
 }
 
