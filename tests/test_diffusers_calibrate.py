@@ -156,5 +156,26 @@ def test_train_router_plan_keeps_its_branch_saving():
     oc.disable(m)
     assert s.granularity == "branch"
     assert abs(s.compute_fraction - plan.meta["flops_fraction"]) <= 0.02
-    with pytest.raises(ValueError, match="correction"):
+    with pytest.raises(ValueError, match="correction.*pipeline"):  # γ on a branch plan: through a scheduler
         oc.train_router(m, L2CConfig(correction=True), run=euler(m, shape, inputs, 0), steps=STEPS)
+
+
+def test_l2c_with_gamma_through_the_pipeline():
+    """L2C + γ: OmniCache's closed-loop γ fitted on the router's branch plan against the next
+    latent through the pipeline's scheduler; on inputs it was not trained on, the final
+    latent is closer to uncached than with the same plan and γ = 0."""
+    cfg = L2CConfig(compute_fraction=0.6, iters=8, correction=True)
+    pipe = _flux_pipe()
+    plan = oc.train_router(pipe, cfg, progress=False, **_pipe_kwargs(0))
+    assert plan.meta["policy"] == "L2C+gamma" and plan.meta["gamma_fit"].startswith("closed loop, next latent")
+    kw = _pipe_kwargs(3)
+
+    def run():
+        return pipe(**dict(kw, generator=torch.Generator().manual_seed(103))).images
+    ref = run()
+    err_fit, _ = _final_error(pipe, plan, run, ref)
+    plain = dataclasses.replace(plan, gamma=None, gamma2=None)
+    err_plain, _ = _final_error(pipe, plain, run, ref)
+    assert err_fit < err_plain
+    refit = oc.fit_gamma(pipe, plain, progress=False, **_pipe_kwargs(0))  # the same fit on a plan held as a value
+    assert refit.meta["policy"] == "L2C+gamma" and refit.gamma == plan.gamma and refit.gamma2 == plan.gamma2

@@ -4,6 +4,7 @@
     plan = oc.calibrate(pipe, OmniCacheConfig(compute_fraction=0.5), **pipe_call_kwargs)
     plan = oc.calibrate(transformer, OmniCacheConfig(...), run=my_sampling_fn, steps=N)
     cfg = oc.fit_teacache(pipe, TeaCacheConfig(threshold=0.1), **pipe_call_kwargs)
+    plan = oc.fit_gamma(pipe, any_plan, **pipe_call_kwargs)   # OmniCache's γ on any plan (e.g. L2C's)
     oc.enable(pipe, plan); plan.save("flux-omnicache-0.5.json")
 
 A calibration run is the user's own: ``pipe(**pipe_call_kwargs)`` (a generator passed in
@@ -44,7 +45,7 @@ from ...plan import model_fingerprint
 from ...policies.omnicache.fit import residual_after_fit, solve_normal
 from .install import disable, enable, runtime_of, split
 
-__all__ = ["calibrate", "fit_teacache", "DiffusersEngine", "ResidualCorrector"]
+__all__ = ["calibrate", "fit_gamma", "fit_teacache", "DiffusersEngine", "ResidualCorrector"]
 
 
 class _Runs:
@@ -154,6 +155,7 @@ class _LatentFit:
 
     def __init__(self, engine, rt, plan):
         self.engine, self.rt, self.plan, self.out, self.probes = engine, rt, plan, {}, {}
+        self.reuses = [not bool(c.all()) for c in plan.compute_tensor()]  # per step: a unit is reused
         self.fallback = _ResidualFit(rt)
         self.fallback.close()
         self.residual_steps = set()
@@ -169,7 +171,7 @@ class _LatentFit:
         def forward(*args, **kwargs):
             ctx = rt.current
             t = ctx.step
-            if self.plan.compute[t][0][0]:  # a computed step: as is
+            if not self.reuses[t]:  # nothing reused at this step: as is
                 return fwd(*args, **kwargs)
             terms = [(rt.gamma_t, 0), (rt.gamma2_t, 1)][: int(bool(self.plan.gamma[t])) + int(bool(self.plan.gamma2[t]))]
             saved = [g.clone() for g, _ in terms]
@@ -347,10 +349,33 @@ class DiffusersEngine:
         """Closed-loop ``(gamma, gamma2)`` of schedule ``compute`` (see the module docstring)."""
         from ...policies.omnicache.calibrate import plan_for_schedule
 
-        gamma, gamma2 = [0.0] * self.steps, [0.0] * self.steps
         if order == 0:
-            return gamma, gamma2
-        plan = plan_for_schedule(compute, self.blocks, "step", order, None, None)
+            return [0.0] * self.steps, [0.0] * self.steps
+        plan = self.fit_plan(plan_for_schedule(compute, self.blocks, "step", order, None, None), order,
+                             probe=False)
+        return plan.gamma, plan.gamma2
+
+    def fit_plan(self, plan, order: int = 2, probe: bool = True):
+        """``plan`` (any granularity: step, block or branch, e.g. Learning-to-Cache's) with its
+        per-step ``(gamma, gamma2)`` fitted closed-loop on this model (see the module
+        docstring; a branch plan needs the pipeline's next-latent fit). With ``probe``, a coefficient is fitted where every unit a step reuses
+        has the computed values its difference needs (2 for ``D1``, 3 for ``D2``), as
+        :func:`~omnicache.policies.omnicache.calibrate.fit_plan_closed_loop` does on our
+        runtime; otherwise where ``plan``'s own gammas are non-zero."""
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order!r}")
+        if plan.steps != self.steps:
+            raise ValueError(f"CachePlan.steps: plan has {plan.steps} steps, the calibration run {self.steps}")
+        if probe:
+            comp = plan.compute_tensor().long()
+            counts = torch.cumsum(comp, 0) - comp  # computed values before each step, per unit
+            usable = [0 if bool(comp[t].all()) else min(int(counts[t][comp[t] == 0].min()) - 1, order)
+                      for t in range(plan.steps)]
+            plan = dataclasses.replace(plan, gamma=[1.0 if u >= 1 else 0.0 for u in usable],
+                                       gamma2=[1.0 if u >= 2 else 0.0 for u in usable])
+        if plan.granularity == "branch" and self.latents is None:
+            raise ValueError("correction: γ on a branch plan is fitted against the uncached next latent "
+                             "through the pipeline's scheduler; pass a pipeline (not run=...)")
         target = self.pipe if self.pipe is not None else self.transformer
         enable(target, plan, steps=self.steps, check_plan=False)
         _, rt = runtime_of(self.transformer)
@@ -358,6 +383,9 @@ class DiffusersEngine:
         try:
             self.runs()
             if getattr(fit, "residual_steps", None):  # the pipeline's combination was not recovered
+                if plan.granularity == "branch":
+                    raise ValueError("correction: the pipeline's combination of its calls' outputs was not "
+                                     "recovered (e.g. batch CFG); γ on a branch plan needs it")
                 fit.close()
                 rt.set_steps(self.steps)
                 fit = _ResidualFit(rt)
@@ -365,12 +393,13 @@ class DiffusersEngine:
         finally:
             fit.close()
             disable(target)
+        gamma, gamma2 = [0.0] * self.steps, [0.0] * self.steps
         for t, g in fit.result().items():
             vals = iter(g)
             gamma[t] = next(vals) if plan.gamma[t] else 0.0
             gamma2[t] = next(vals) if plan.gamma2[t] else 0.0
         self.gamma_fit = fit.name
-        return gamma, gamma2
+        return dataclasses.replace(plan, gamma=gamma, gamma2=gamma2)
 
     def replay_error(self, plan, samples=slice(None)):
         raise ValueError("search: a diffusers calibration run is one call; use search=False")
@@ -418,6 +447,25 @@ def calibrate(pipe_or_transformer, config, *, run=None, steps: int | None = None
                       granularity=config.granularity)
     plan.meta["config"] = dataclasses.asdict(dataclasses.replace(config, search=False))
     return plan
+
+
+def fit_gamma(pipe_or_transformer, plan, *, order: int = 2, run=None, steps: int | None = None,
+              progress: bool = True, **pipe_call_kwargs):
+    """OmniCache's cache-noise correction on any ``CachePlan`` (a Learning-to-Cache plan, a
+    FORA plan, one of your own): the plan with per-step ``(gamma, gamma2)`` fitted closed-loop
+    on this model from one uncached recording run and one replay
+    (:meth:`DiffusersEngine.fit_plan`; a branch plan needs a pipeline). Arguments as for
+    :func:`calibrate`."""
+    from ...plan import CachePlan
+
+    if not isinstance(plan, CachePlan):
+        raise TypeError(f"plan must be a CachePlan, got {type(plan).__name__}")
+    engine = DiffusersEngine(pipe_or_transformer, run=run, steps=steps, progress=progress, **pipe_call_kwargs)
+    fitted = engine.fit_plan(plan, order)
+    policy = str(plan.meta.get("policy", "CachePlan"))
+    fitted.meta = {**plan.meta, **engine.meta(), "correction": f"closed-loop gamma (order {order})",
+                   "policy": policy if policy.endswith("+gamma") else policy + "+gamma"}
+    return fitted
 
 
 def fit_teacache(pipe_or_transformer, config, *, run=None, steps: int | None = None, degree: int = 4,

@@ -84,7 +84,10 @@ def train_router(pipe_or_transformer, config, *, run=None, steps: int | None = N
             MLP branches (:class:`.adapters.BlockIO`).
         config: ``L2CConfig``: ``refresh``, ``lam``, ``iters``, ``lr``, ``init``,
             ``weight_decay``, ``seed``; ``threshold`` or ``compute_fraction`` for the export.
-            ``correction`` (OmniCache's γ on the plan) is not available on diffusers yet.
+            ``correction=True``: OmniCache's closed-loop ``(γ1, γ2)`` fitted on the exported
+            plan (:meth:`.calibrate.DiffusersEngine.fit_plan`, on the same run), "L2C + γ";
+            it needs a pipeline (the fit is against the uncached next latent, through the
+            pipeline's scheduler).
         run, steps, **pipe_call_kwargs: the training run, as for :func:`.calibrate.calibrate`.
     """
     from ...plan import model_fingerprint
@@ -94,12 +97,12 @@ def train_router(pipe_or_transformer, config, *, run=None, steps: int | None = N
 
     if not isinstance(config, L2CConfig):
         raise TypeError(f"config must be an L2CConfig, got {type(config).__name__}")
-    if config.correction:
-        raise ValueError("L2CConfig.correction: OmniCache's γ on a branch plan is not available on diffusers "
-                         "models yet; use correction=False")
     if config.plan_path is not None:
         raise ValueError("L2CConfig.plan_path: a saved plan needs no training; oc.enable(pipe, CachePlan.load(...))")
-    transformer, _ = split(pipe_or_transformer)
+    transformer, pipe = split(pipe_or_transformer)
+    if config.correction and pipe is None:  # refused before the training run
+        raise ValueError("L2CConfig.correction: γ on a branch plan is fitted against the uncached next latent "
+                         "through the pipeline's scheduler; pass a pipeline (not a bare transformer with run=...)")
     engine = RouterEngine(pipe_or_transformer, run=run, steps=steps, progress=progress, **pipe_call_kwargs)
     if not all(bb.io.has_branches for bb in engine.bound):
         missing = sorted({type(bb.module).__name__ for bb in engine.bound if not bb.io.has_branches})
@@ -176,6 +179,9 @@ def train_router(pipe_or_transformer, config, *, run=None, steps: int | None = N
     plan = export_plan(result.beta, result.refresh, engine.flops, threshold=config.threshold,
                        compute_fraction=config.compute_fraction, meta=meta)
     plan.meta["flops_per_step"] = engine.flops
+    if config.correction:
+        plan = engine.fit_plan(plan, order=2)
+        plan.meta.update(policy="L2C+gamma", correction="closed-loop gamma (order 2)", gamma_fit=engine.gamma_fit)
     return plan
 
 
