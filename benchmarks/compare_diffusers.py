@@ -16,8 +16,8 @@ Systems (rows):
 - ours (``omnicache.integrations.diffusers`` as ``oc``): FORA, TaylorSeer, FirstBlockCache,
   TeaCache (polynomial from ``oc.fit_teacache`` on the calibration batch), OmniCache
   (``oc.calibrate`` on the calibration batch), Learning-to-Cache (``oc.train_router`` on
-  the calibration batch). L2C + γ: ``oc.train_router`` refuses ``correction=True`` on
-  diffusers models; the row is reported as not available.
+  the calibration batch), L2C + γ (that router's plan at each target, with OmniCache's
+  closed-loop γ fitted by ``oc.fit_gamma`` on the calibration batch).
 - diffusers' own hooks (``pipe.transformer.enable_cache``): FirstBlockCache, TaylorSeer
   (standard and lite), MagCache (ratios from its own ``calibrate=True`` run on the
   calibration batch), PyramidAttentionBroadcast, FasterCache. A hook that fails on Flux is
@@ -207,7 +207,7 @@ def install_omnicache(correction):
     return install
 
 
-def install_l2c(iters):
+def install_l2c(iters, gamma=False):
     def install(pipe, knob, ctx, target):
         from omnicache.policies import L2CConfig
         from omnicache.policies.l2c.export import export_plan
@@ -223,6 +223,12 @@ def install_l2c(iters):
         plan = export_plan(torch.tensor(meta["beta"]), refresh_mask(ctx.steps, refresh), meta["flops_per_step"],
                            compute_fraction=knob, meta=meta)
         plan.meta["flops_per_step"] = meta["flops_per_step"]
+        if gamma:  # OmniCache's closed-loop γ on this cut of the router (one fit per plan)
+            gkey = ("l2c+gamma", refresh, knob)
+            if gkey not in ctx.prepared:
+                calib = copy.deepcopy(ctx.base)
+                ctx.prepared[gkey] = _oc().fit_gamma(calib, plan, progress=ctx.progress, **ctx.calib_call_kwargs(calib))
+            plan = ctx.prepared[gkey]
         _oc().enable(pipe, plan)
     return install
 
@@ -278,8 +284,8 @@ def systems(l2c_iters: int):
         System("ours: OmniCache + correction", "ours", install_omnicache(True), ("compute_fraction", "target", 0, 1)),
         System("ours: L2C", "ours", install_l2c(l2c_iters), ("compute_fraction", "target", 0, 1),
                note=f"router trained with iters={l2c_iters}"),
-        System("ours: L2C + gamma", "ours", None, None,
-               note="not available: oc.train_router refuses L2CConfig(correction=True) on diffusers models"),
+        System("ours: L2C + gamma", "ours", install_l2c(l2c_iters, gamma=True), ("compute_fraction", "target", 0, 1),
+               note=f"the L2C row's router (iters={l2c_iters}), γ from oc.fit_gamma on the calibration batch"),
     ]
     from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig as DFBC, PyramidAttentionBroadcastConfig,
                                  TaylorSeerCacheConfig)
