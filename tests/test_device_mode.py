@@ -24,6 +24,7 @@ POLICIES = {
     "fbcache1": lambda t: FirstBlockCacheConfig(threshold=t, first_blocks=1),
     "fbcache-warmup2": lambda t: FirstBlockCacheConfig(threshold=t, warmup=2),
     "fbcache-reuse": lambda t: FirstBlockCacheConfig(threshold=1e9),  # every step after the first reuses
+    "fbcache-cap": lambda t: FirstBlockCacheConfig(threshold=t, max_consecutive=1),  # DBCache's cap
 }
 
 
@@ -79,8 +80,8 @@ def test_device_mode_equals_host_mode(model, name):
     # the where-mix spends the whole batch wherever one sample computes; the sub-batch mode's count
     assert s_dev.flops_sub_batch == pytest.approx(s_host.flops, rel=1e-12)
     assert s_dev.flops >= s_dev.flops_sub_batch
-    # F and the reference (+ TeaCache's accumulators, B float64s)
-    assert s_dev.cache_bytes == s_host.cache_bytes + 8 * len(LABELS) * name.startswith("teacache")
+    # F and the reference (+ TeaCache's accumulators, B float64s; the cap's counters, B int64s)
+    assert s_dev.cache_bytes == s_host.cache_bytes + 8 * len(LABELS) * name.startswith(("teacache", "fbcache-cap"))
 
 
 def test_a_second_run_starts_from_empty_state(model):

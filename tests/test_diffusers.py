@@ -1,6 +1,7 @@
 """omnicache.integrations.diffusers on tiny random diffusers transformers (CPU; one cuda test)."""
 
 import contextlib
+import dataclasses
 import types
 
 import pytest
@@ -11,6 +12,7 @@ pytest.importorskip("diffusers", reason="diffusers is not installed (pip install
 import diffusers_models as dm  # noqa: E402
 
 from omnicache.integrations import diffusers as od  # noqa: E402
+from omnicache.integrations.diffusers.adapters import model_blocks  # noqa: E402
 from omnicache.plan import CachePlan  # noqa: E402
 from omnicache.policies import (FirstBlockCacheConfig, FORAConfig, NoCacheConfig, TaylorSeerConfig,  # noqa: E402
                                 TeaCacheConfig)
@@ -379,3 +381,31 @@ def test_latte_dynamic_span_may_not_cross_a_layout_change():
     assert not hasattr(m, od._ATTR)
     od.enable(m, FirstBlockCacheConfig(first_blocks=3), steps=STEPS)
     od.disable(m)
+
+
+@pytest.mark.parametrize("name", ["Flux", "Wan"])
+def test_dbcache_back_blocks_and_consecutive_cap(name):
+    """DBCache on a diffusers model: the last block runs every call, the middle is reused at
+    most ``max_consecutive`` calls in a row; threshold 0 equals the uncached model."""
+    m, shape, inputs = dm.make(name)
+    n = len(model_blocks(m))
+    with torch.no_grad():
+        ref = dm.sample(m, shape, inputs, STEPS)
+    cfg = FirstBlockCacheConfig(threshold=1e9, last_blocks=1, max_consecutive=2)
+    od.enable(m, cfg, steps=STEPS)
+    with torch.no_grad():
+        dm.sample(m, shape, inputs, STEPS)
+    s = od.summary(m)
+    od.disable(m)
+    ctx = next(iter(s.contexts.values()))
+    pattern = [i % 3 == 0 for i in range(STEPS)]  # computed, then two reused, ...
+    assert [d["compute"] for d in ctx["stats"]] == pattern
+    assert all(t[0] and t[n - 1] for t in ctx["trace"])  # the first and the last block: every call
+    assert [all(t) for t in ctx["trace"]] == pattern
+    od.enable(m, dataclasses.replace(cfg, threshold=0.0), steps=STEPS)
+    with torch.no_grad():
+        exact = dm.sample(m, shape, inputs, STEPS)
+    od.disable(m)
+    assert _max_err(ref, exact) < 1e-5
+    with pytest.raises(ValueError, match="last"):
+        od.enable(m, FirstBlockCacheConfig(first_blocks=2, last_blocks=n - 2), steps=STEPS)

@@ -3,6 +3,7 @@ decisions and outputs, no host sync over the sampling loop, ``torch.compile(tran
 fullgraph=True)`` with no recompile from step to step."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from omnicache.policies import FirstBlockCacheConfig, TeaCacheConfig  # noqa: E4
 from omnicache.runtime.syncguard import no_host_sync  # noqa: E402
 
 STEPS = 8
-POLICIES = {"teacache": TeaCacheConfig, "fbc": FirstBlockCacheConfig}
+POLICIES = {"teacache": TeaCacheConfig, "fbc": FirstBlockCacheConfig,
+            "dbcache": functools.partial(FirstBlockCacheConfig, last_blocks=1, max_consecutive=2)}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,7 @@
 """The cache executor against plain-torch references: bitwise when nothing is reused,
 a slow reference executor for every granularity, per-sample dynamic decisions, FLOPs."""
 
+import dataclasses
 import math
 import random
 
@@ -254,3 +255,47 @@ def test_generate(model):
         generate(model, [1], policy=FORAConfig().plan(6, DEPTH), steps=5)
     with pytest.raises(TypeError, match="policy must be a CachePlan"):
         generate(model, [1], policy="fora", steps=2)
+
+
+def test_dbcache_back_blocks_and_consecutive_cap(model):
+    """DBCache: Fn front and Bn back blocks every step, the middle reused at most
+    ``max_consecutive`` steps in a row; FLOPs counted for what ran; threshold 0 is uncached."""
+    f = model.flops_per_sample()
+    block = f["block_attn"] + f["block_mlp"] + f["block_modulation"]
+    cfg = FirstBlockCacheConfig(threshold=1e9, first_blocks=1, last_blocks=1, max_consecutive=2)
+    x, summary = run(model, cfg)
+    assert [all(d["compute"]) for d in summary.stats] == [True, False, False, True, False, False, True, False]
+    assert not any(any(d["compute"]) for d, full in zip(summary.stats, [1, 0, 0, 1, 0, 0, 1, 0]) if not full)
+    assert summary.decisions[:, 0].eq(1).all() and summary.decisions[:, DEPTH - 1].eq(1).all()
+    assert summary.decisions[[1, 2, 4, 5, 7], 1:DEPTH - 1].eq(0).all()
+    rows = 2 * len(LABELS)
+    expected = 8 * rows * (f["embed"] + f["final"] + 2 * block) + 3 * rows * (DEPTH - 2) * block
+    assert summary.flops == pytest.approx(expected, rel=1e-12)
+    ref, _ = run(model, None)
+    exact, _ = run(model, dataclasses.replace(cfg, threshold=0.0))
+    torch.testing.assert_close(exact, ref, rtol=1e-5, atol=1e-5)
+    # the back block refines a reused state: not the same as caching it too
+    fbc, _ = run(model, FirstBlockCacheConfig(threshold=1e9, max_consecutive=2))
+    assert not torch.equal(fbc, x)
+    with pytest.raises(ValueError, match="first_blocks \\+ last_blocks"):
+        run(model, FirstBlockCacheConfig(first_blocks=2, last_blocks=2))
+    with pytest.raises(ValueError, match="max_consecutive"):
+        FirstBlockCacheConfig(max_consecutive=0)
+
+
+def test_dbcache_device_mode_equals_host_mode(model):
+    """DBCache's back blocks and cap with ``mode="device"``: the host mode's decisions and output."""
+    from omnicache.runtime.syncguard import no_host_sync
+
+    probe = run(model, FirstBlockCacheConfig(threshold=0.0, last_blocks=1))[1]
+    rel = sorted(probe.stats[1]["signal_rel_l1"])
+    cfg = FirstBlockCacheConfig(threshold=(rel[1] + rel[2]) / 2, last_blocks=1, max_consecutive=2)
+    x_host, s_host = run(model, cfg)
+    ex = CacheExecutor(model, LABELS, dataclasses.replace(cfg, mode="device"), steps=8, guidance=3.0)
+    with no_host_sync():
+        x_dev, _ = ex.run(0, summary=False)
+    s_dev = ex.summary()
+    assert [d["compute"] for d in s_dev.stats] == [d["compute"] for d in s_host.stats]
+    assert any(0 < sum(d["compute"]) < len(LABELS) for d in s_host.stats)
+    torch.testing.assert_close(x_dev, x_host, rtol=1e-5, atol=1e-5)
+    assert s_dev.flops_sub_batch == pytest.approx(s_host.flops, rel=1e-9)

@@ -291,6 +291,7 @@ class CacheExecutor:
         dec, B, R = self.decider, self.batch, self.rows_per_sample
         h, c = self._embed(i, x)
         h0 = h
+        mid, back = self._middle_back()
         for blk in self.blocks[: dec.first_blocks]:
             h = blk(h, c)
         sig = dec.signal(self.model, h0, h, c)  # a fresh tensor (h is later updated in place)
@@ -303,7 +304,7 @@ class CacheExecutor:
         F = unit.F
         if len(samples) == B:
             inp = h
-            for blk in self.blocks[dec.first_blocks:]:
+            for blk in mid:
                 h = blk(h, c)
             store = unit.store(h, inp)
             self._ref = sig
@@ -318,7 +319,7 @@ class CacheExecutor:
                 rows = rows.pin_memory().to(self.device, non_blocking=True)
             sub, c_sub = h.index_select(0, rows), c.index_select(0, rows)
             out = sub
-            for blk in self.blocks[dec.first_blocks:]:
+            for blk in mid:
                 out = blk(out, c_sub)
             res = CacheUnit(0)
             res.F = F.index_select(0, rows)
@@ -330,8 +331,17 @@ class CacheExecutor:
                 self._ref = sig
             else:
                 self._ref.index_copy_(0, rows, sig.index_select(0, rows))
+        for blk in back:  # DBCache's Bn blocks: every step, on the computed or reused state
+            h = blk(h, c)
         stats = {"signal_rel_l1": rel, "compute": compute, **dec.record(), "residual_rel_l1": store}
         return self._finish(i, x, h, c), len(samples) * R, stats
+
+    def _middle_back(self):
+        """The blocks a dynamic policy caches (after its first blocks) and the back blocks it
+        always computes (``last_blocks``, DBCache's Bn; none for the other policies)."""
+        dec, n = self.decider, len(self.blocks)
+        last = getattr(dec, "last_blocks", 0)
+        return self.blocks[dec.first_blocks: n - last], self.blocks[n - last:]
 
     # ---------------------------------------------------------- dynamic, mode="device"
     def device_forward(self, x_model: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -353,7 +363,7 @@ class CacheExecutor:
             h = blk(h, c)
         compute, any_compute = dd.decide(dec.signal(self.model, h0, h, c))
         F = self._cache["rest"].F
-        rest = self.blocks[dec.first_blocks:]
+        rest, back = self._middle_back()
 
         def run_rest(h, c, F, compute):  # the whole batch; the samples that reuse are mixed back
             out = h
@@ -369,6 +379,8 @@ class CacheExecutor:
         else:
             h, F_new = torch.cond(any_compute, run_rest, reuse, (h, c, F, compute))
         F.copy_(F_new)
+        for blk in back:
+            h = blk(h, c)
         out = self.model.final(h, c).float()
         return cfg_combine(out, self.guidance) if self.cfg else out
 
@@ -378,14 +390,15 @@ class CacheExecutor:
         dec, steps = self.decider, self.steps
         hist = self._device.history(steps)
         block = f["block_attn"] + f["block_mlp"] + f["block_modulation"]
-        per_step = f["embed"] + f["final"] + dec.first_blocks * block + dec.signal_flops(f, self.model.config)
+        last = getattr(dec, "last_blocks", 0)
+        per_step = f["embed"] + f["final"] + (dec.first_blocks + last) * block + dec.signal_flops(f, self.model.config)
         n_comp = [sum(d["compute"]) for d in hist]
-        rest = (depth - dec.first_blocks) * block
+        rest = (depth - dec.first_blocks - last) * block
         where = dec.mode == "device-where"  # the rest runs every step
         flops = float(steps * rows * per_step + sum(rows for n in n_comp if n or where) * rest)
         sub = float(steps * rows * per_step + sum(n * R for n in n_comp) * rest)
         decisions = torch.ones(steps, depth, 2)
-        decisions[:, dec.first_blocks:] = torch.tensor(n_comp, dtype=torch.float32)[:, None, None] / self.batch
+        decisions[:, dec.first_blocks: depth - last] = torch.tensor(n_comp, dtype=torch.float32)[:, None, None] / self.batch
         raw = [{**d, "residual_rel_l1": None} for d in hist]
         return RunSummary(self.policy_name, self.granularity, decisions, flops, float(steps * rows * f["total"]),
                           wall, self.cache_bytes, self.batch, R, raw, flops_sub_batch=sub)
@@ -446,9 +459,12 @@ class CacheExecutor:
         else:
             dec = self.decider
             block = f["block_attn"] + f["block_mlp"] + f["block_modulation"]
-            per_step = f["embed"] + f["final"] + dec.first_blocks * block + dec.signal_flops(f, self.model.config)
-            flops = float(steps * rows * per_step + sum(ran_rest) * (depth - dec.first_blocks) * block)
+            last = getattr(dec, "last_blocks", 0)
+            per_step = f["embed"] + f["final"] + (dec.first_blocks + last) * block + \
+                dec.signal_flops(f, self.model.config)
+            flops = float(steps * rows * per_step + sum(ran_rest) * (depth - dec.first_blocks - last) * block)
             decisions = torch.ones(steps, depth, 2)
-            decisions[:, dec.first_blocks:] = torch.tensor(ran_rest, dtype=torch.float32)[:, None, None] / rows
+            decisions[:, dec.first_blocks: depth - last] = \
+                torch.tensor(ran_rest, dtype=torch.float32)[:, None, None] / rows
         return x, RunSummary(self.policy_name, self.granularity, decisions, flops, uncached, wall,
                              self.cache_bytes, self.batch, self.rows_per_sample, raw)

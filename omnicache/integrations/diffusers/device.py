@@ -58,6 +58,8 @@ class DeviceMode:
             if k == self.head - 1:
                 self._device_decide(ctx, bb.outputs(out)["hidden_states"])
             return out
+        if k >= self.n - self.tail:  # DBCache's back blocks: every call
+            return orig(*args, **kwargs)
         inputs = bb.inputs(args, kwargs)
         if k == self.head:
             self.inp[0] = inputs
@@ -65,7 +67,7 @@ class DeviceMode:
             out = bb.outputs(orig(*args, **kwargs))
         else:
             out = self._device_cond(k, orig, args, kwargs, inputs)
-        if k == self.n - 1:
+        if k == self.n - self.tail - 1:
             self._device_store(ctx, out)
         return bb.pack(out)
 
@@ -144,7 +146,8 @@ class DeviceMode:
         for n, d in enumerate(hist):
             comp = d["compute"]
             frac = sum(comp) / len(comp)
-            ctx.trace[n] = [True if b < self.head else (frac if self.per_sample else bool(comp[0]))
+            end = self.n - self.tail
+            ctx.trace[n] = [True if b < self.head or b >= end else (frac if self.per_sample else bool(comp[0]))
                             for b in range(self.n)]
             extra = {key: v for key, v in d.items() if key not in ("signal_rel_l1", "compute")}
             if self.per_sample:
@@ -155,8 +158,8 @@ class DeviceMode:
             ctx.stats[n] = {**st, "residual": ctx.stats[n]["residual"]}
             if known:
                 outside = self.outside_cost or 0
-                head = sum(cost[: self.head])
-                rest = sum(cost[self.head:])
+                head = sum(cost[: self.head]) + sum(cost[end:])  # the blocks every call runs
+                rest = sum(cost[self.head: end])
                 uncached += outside + head + rest
                 spent += outside + head + (rest if any(comp) or self.device_where else 0)
                 sub += outside + head + frac * rest

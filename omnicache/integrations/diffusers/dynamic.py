@@ -30,6 +30,8 @@ class HostMode:
             if k == self.head - 1:
                 self._decide(ctx, self.bound[k].outputs(out)["hidden_states"])
             return out
+        if k >= self.n - self.tail:  # DBCache's back blocks: every call, on the computed or reused state
+            return orig(*args, **kwargs)
         if not ctx.compute:
             return self._reuse_unit(k, 0, self.bound[k].inputs(args, kwargs), False, False)
         if ctx.rows is not None:
@@ -37,7 +39,7 @@ class HostMode:
         if k == self.head:
             self.inp[0] = self.bound[k].inputs(args, kwargs)
         out = orig(*args, **kwargs)
-        if k == self.n - 1:
+        if k == self.n - self.tail - 1:
             self._store_unit(k, 0, out)
         return out
 
@@ -58,7 +60,7 @@ class HostMode:
         full = {}
         for name, x in out.items():
             full[name] = None if x is None or base.get(name) is None else base[name].index_copy(0, rows, x)
-        if k == self.n - 1:  # the computed rows' residual, into their rows of F
+        if k == self.n - self.tail - 1:  # the computed rows' residual, into their rows of F
             ins = self.inp[0]
             for name, x in out.items():
                 cu = ctx.units[0].get(name)

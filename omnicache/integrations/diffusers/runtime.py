@@ -131,21 +131,24 @@ class Runtime(HostMode, DeviceMode):
         self.current = None
         self.step_actions = None
         self.norm1_out = self.inp0 = None
-        self.last_rel, self.teacache = None, False
+        self.last_rel, self.teacache, self.tail = None, False, 0
         if self.kind == "dynamic":
-            first = config.decider(2**31 - 1, self.n).first_blocks
+            dec = config.decider(2**31 - 1, self.n)
+            first, self.tail = dec.first_blocks, getattr(dec, "last_blocks", 0)
             self.teacache = first == 0  # TeaCache: decide on block 0's norm1 output, after block 0
             self.head = max(first, 1)
-            if self.head >= self.n:
-                raise ValueError(f"{type(config).__name__}: the first {self.head} blocks leave none of the "
-                                 f"model's {self.n} blocks to cache")
+            end = self.n - self.tail  # the cached blocks: head .. end-1; the back blocks always run
+            if self.head >= end:
+                raise ValueError(f"{type(config).__name__}: the first {self.head} and last {self.tail} blocks "
+                                 f"leave none of the model's {self.n} blocks to cache")
             if not spec.stack and spec.interleave and \
-                    self.head % len(spec.blocks) != (self.n - 1) % len(spec.blocks):
-                # one residual from block `head` to the last may not cross a change of layout
-                raise ValueError(f"{type(config).__name__}.first_blocks: on {type(transformer).__name__} the "
-                                 f"remaining blocks must start in the same block list as the last block "
-                                 f"({spec.blocks[(self.n - 1) % len(spec.blocks)]}); got first_blocks={self.head}")
-            self.units = [(self.head, self.n)]
+                    self.head % len(spec.blocks) != (end - 1) % len(spec.blocks):
+                # one residual from block `head` to block `end - 1` may not cross a change of layout
+                raise ValueError(f"{type(config).__name__}.first_blocks / last_blocks: on "
+                                 f"{type(transformer).__name__} the cached blocks must start in the same block "
+                                 f"list as they end ({spec.blocks[(end - 1) % len(spec.blocks)]}); got "
+                                 f"first_blocks={self.head}, last_blocks={self.tail}")
+            self.units = [(self.head, end)]
         elif self.granularity == "step" and spec.stack:
             self.units = [(0, self.n)]
         elif self.granularity == "branch":  # unit 2b + k: branch k (0 attention, 1 MLP) of block b
@@ -302,10 +305,10 @@ class Runtime(HostMode, DeviceMode):
         else:
             if ctx.decisions is not None:  # per-sample: the fraction of samples that ran the rest
                 frac = sum(ctx.decisions) / len(ctx.decisions)
-                computed = [True if b < self.head else frac for b in range(self.n)]
+                computed = [True if b < self.head or b >= self.n - self.tail else frac for b in range(self.n)]
                 compute = list(ctx.decisions)
             else:
-                computed = [b < self.head or ctx.compute for b in range(self.n)]
+                computed = [b < self.head or b >= self.n - self.tail or ctx.compute for b in range(self.n)]
                 compute = ctx.compute
             parts = [[c == 1] * 3 for c in computed]
             ctx.stats.append({"signal_rel_l1": self.last_rel, "compute": compute,
