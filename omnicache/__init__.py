@@ -11,7 +11,7 @@
 from . import ops
 from .api import GenerateResult, generate
 from .plan import CachePlan
-from .policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig, NoCacheConfig,
+from .policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig, MagCacheConfig, NoCacheConfig,
                        OmniCacheConfig, TaylorSeerConfig, TeaCacheConfig)
 from .runtime.default import load_classifier, load_default
 
@@ -32,4 +32,5 @@ __all__ = [
     "TaylorSeerConfig",
     "OmniCacheConfig",
     "L2CConfig",
+    "MagCacheConfig",
 ]

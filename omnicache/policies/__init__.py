@@ -19,6 +19,7 @@ from .delta_dit import DeltaDiTConfig
 from .first_block_cache import FirstBlockCacheConfig
 from .fora import FORAConfig
 from .l2c import L2CConfig
+from .magcache import MagCacheConfig, fit_magcache_ratios
 from .nocache import NoCacheConfig
 from .omnicache import OmniCacheConfig
 from .taylorseer import TaylorSeerConfig, forecast_coefficients
@@ -34,6 +35,8 @@ __all__ = [
     "TaylorSeerConfig",
     "OmniCacheConfig",
     "L2CConfig",
+    "MagCacheConfig",
     "fit_teacache_coefficients",
+    "fit_magcache_ratios",
     "forecast_coefficients",
 ]

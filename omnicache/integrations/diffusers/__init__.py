@@ -15,11 +15,12 @@ TeaCache calibrated on the user's own model).
 
 from ...arena import digits_images, digits_inputs, load_digits_pipeline
 from .adapters import BLOCKS, MODELS, SUPPORTED_MODELS, BlockIO, ModelSpec
-from .calibrate import DiffusersEngine, calibrate, fit_gamma, fit_teacache
+from .calibrate import DiffusersEngine, calibrate, fit_gamma
+from .fitting import fit_magcache, fit_teacache
 from .router import train_router
 from .install import _ATTR, disable, enable, reset, runtime_of, summary
 
 _runtime = runtime_of  # the name earlier versions exported
 
-__all__ = ["enable", "disable", "reset", "summary", "runtime_of", "calibrate", "fit_gamma", "fit_teacache", "train_router", "DiffusersEngine",
+__all__ = ["enable", "disable", "reset", "summary", "runtime_of", "calibrate", "fit_gamma", "fit_magcache", "fit_teacache", "train_router", "DiffusersEngine",
            "load_digits_pipeline", "digits_inputs", "digits_images", "SUPPORTED_MODELS", "MODELS", "BLOCKS", "BlockIO", "ModelSpec"]

@@ -1,9 +1,10 @@
-"""Calibration on the user's own diffusers model: OmniCache plans and TeaCache's polynomial.
+"""Calibration on the user's own diffusers model: OmniCache plans, and γ on any plan.
 
     from omnicache.integrations import diffusers as oc
     plan = oc.calibrate(pipe, OmniCacheConfig(compute_fraction=0.5), **pipe_call_kwargs)
     plan = oc.calibrate(transformer, OmniCacheConfig(...), run=my_sampling_fn, steps=N)
-    cfg = oc.fit_teacache(pipe, TeaCacheConfig(threshold=0.1), **pipe_call_kwargs)
+    cfg = oc.fit_teacache(pipe, TeaCacheConfig(threshold=0.1), **pipe_call_kwargs)   # (.fitting)
+    cfg = oc.fit_magcache(pipe, MagCacheConfig(threshold=0.06), **pipe_call_kwargs)  # (.fitting)
     plan = oc.fit_gamma(pipe, any_plan, **pipe_call_kwargs)   # OmniCache's γ on any plan (e.g. L2C's)
     oc.enable(pipe, plan); plan.save("flux-omnicache-0.5.json")
 
@@ -45,7 +46,7 @@ from ...plan import model_fingerprint
 from ...policies.omnicache.fit import residual_after_fit, solve_normal
 from .install import disable, enable, runtime_of, split
 
-__all__ = ["calibrate", "fit_gamma", "fit_teacache", "DiffusersEngine", "ResidualCorrector"]
+__all__ = ["calibrate", "fit_gamma", "DiffusersEngine", "ResidualCorrector"]
 
 
 class _Runs:
@@ -466,36 +467,3 @@ def fit_gamma(pipe_or_transformer, plan, *, order: int = 2, run=None, steps: int
     fitted.meta = {**plan.meta, **engine.meta(), "correction": f"closed-loop gamma (order {order})",
                    "policy": policy if policy.endswith("+gamma") else policy + "+gamma"}
     return fitted
-
-
-def fit_teacache(pipe_or_transformer, config, *, run=None, steps: int | None = None, degree: int = 4,
-                 progress: bool = True, **pipe_call_kwargs):
-    """TeaCache's rescaling polynomial fitted on this model from one uncached run: returns
-    ``config`` with ``coefficients`` such that ``p(rel L1 of block 0's modulated input)``
-    predicts the relative L1 change of the remaining blocks' residual (every context's calls)."""
-    import numpy as np
-
-    from ...policies import TeaCacheConfig
-
-    if not isinstance(config, TeaCacheConfig):
-        raise TypeError(f"config must be a TeaCacheConfig, got {type(config).__name__}")
-    transformer, pipe = split(pipe_or_transformer)
-    runs = _Runs(pipe, run, pipe_call_kwargs)
-    target = pipe if pipe is not None else transformer
-    if steps is None and getattr(pipe, "scheduler", None) is None:
-        raise ValueError("steps: with run=..., pass the number of steps the run takes (steps=N)")
-    enable(target, dataclasses.replace(config, threshold=0.0), steps=steps)
-    try:
-        runs()
-        s = runtime_of(transformer)[1].summary()
-    finally:
-        disable(target)
-    xs, ys = [], []
-    for ctx in s.contexts.values():
-        for d in ctx["stats"][1:]:  # the first call has no previous one
-            if d["signal_rel_l1"] is not None and d["residual_rel_l1"] is not None:
-                xs.append(d["signal_rel_l1"])
-                ys.append(d["residual_rel_l1"])
-    if len(xs) <= degree:
-        raise ValueError(f"fit_teacache: {len(xs)} points cannot fit degree {degree}; use more steps")
-    return dataclasses.replace(config, coefficients=tuple(float(v) for v in np.polyfit(xs, ys, degree)))
