@@ -14,7 +14,8 @@ same pipeline, with the same inputs (labels = classes in turn, one ``torch.Gener
 Systems (rows):
 
 - ours (``omnicache.integrations.diffusers`` as ``oc``): FORA, TaylorSeer, FirstBlockCache,
-  TeaCache (polynomial from ``oc.fit_teacache`` on the calibration batch), OmniCache
+  TeaCache (polynomial from ``oc.fit_teacache`` on the calibration batch), MagCache (ratios
+  from ``oc.fit_magcache`` on the calibration batch: a static plan), OmniCache
   (``oc.calibrate`` on the calibration batch), Learning-to-Cache (``oc.train_router`` on
   the calibration batch), L2C + γ (that router's plan at each target, with OmniCache's
   closed-loop γ fitted by ``oc.fit_gamma`` on the calibration batch).
@@ -191,6 +192,17 @@ def prep_teacache(ctx):
                                                   **ctx.calib_call_kwargs(pipe))
 
 
+def prep_magcache_ours(ctx):
+    from omnicache.policies import MagCacheConfig
+    pipe = copy.deepcopy(ctx.base)
+    ctx.prepared["magcache_ours"] = _oc().fit_magcache(pipe, MagCacheConfig(), progress=ctx.progress,
+                                                       **ctx.calib_call_kwargs(pipe))
+
+
+def install_magcache_ours(pipe, knob, ctx, target):
+    _oc().enable(pipe, dataclasses.replace(ctx.prepared["magcache_ours"], threshold=knob))
+
+
 def install_teacache(pipe, knob, ctx, target):
     _oc().enable(pipe, dataclasses.replace(ctx.prepared["teacache"], threshold=knob))
 
@@ -280,6 +292,8 @@ def systems(l2c_iters: int):
         System("ours: FirstBlockCache", "ours", ours_static(lambda x: FirstBlockCacheConfig(threshold=x)),
                ("threshold", "float", 0.0, 1.0)),
         System("ours: TeaCache", "ours", install_teacache, ("threshold", "float", 0.0, 1.0), prep_teacache),
+        System("ours: MagCache", "ours", install_magcache_ours, ("threshold", "float", 0.0, 1.0), prep_magcache_ours,
+               note="mag_ratios from oc.fit_magcache on the calibration batch (every context pooled); a static plan"),
         System("ours: OmniCache reuse only", "ours", install_omnicache(False), ("compute_fraction", "target", 0, 1)),
         System("ours: OmniCache + correction", "ours", install_omnicache(True), ("compute_fraction", "target", 0, 1)),
         System("ours: L2C", "ours", install_l2c(l2c_iters), ("compute_fraction", "target", 0, 1),
