@@ -1,8 +1,9 @@
 """Stage-aware filtering of a cache drift over the token grid (OmniCache's noise filter).
 
 :func:`filter_delta` keeps the low frequencies of ``delta`` early in sampling and the high
-frequencies late (an ``rfft2`` mask over the ``(H, W)`` token grid). It lives beneath the cache core, which applies it
-once per full step when a plan asks for it (``CachePlan.meta["filter"]``).
+frequencies late (an ``rfftn`` mask over the token grid: ``(H, W)`` for images,
+``(F, H, W)`` frames × rows × columns for video). It lives beneath the cache core, which
+applies it once per full step when a plan asks for it (``CachePlan.meta["filter"]``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from torch import Tensor
 __all__ = ["filter_delta"]
 
 
-def _stage_mask(grid: tuple[int, int], progress: float, low_cutoff: float, high_cutoff: float,
+def _stage_mask(grid: tuple, progress: float, low_cutoff: float, high_cutoff: float,
                 split: float, device) -> Tensor:
-    """Bool keep-mask on the ``rfft2`` grid ``[H, W // 2 + 1]`` (see :func:`filter_delta`)."""
-    h, w = grid
-    fy = torch.fft.fftfreq(h, device=device, dtype=torch.float64).abs()
-    fx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64).abs()
-    rho = 2.0 * torch.maximum(fy[:, None], fx[None, :])  # Chebyshev radius, Nyquist = 1
+    """Bool keep-mask on the ``rfftn`` grid ``[..., W // 2 + 1]`` (see :func:`filter_delta`)."""
+    *lead, w = grid
+    axes = [torch.fft.fftfreq(n, device=device, dtype=torch.float64).abs() for n in lead]
+    axes.append(torch.fft.rfftfreq(w, device=device, dtype=torch.float64).abs())
+    rho = torch.zeros((), dtype=torch.float64, device=device)
+    for k, f in enumerate(axes):  # Chebyshev radius over every axis, Nyquist = 1
+        rho = torch.maximum(rho, 2.0 * f.reshape([-1 if j == k else 1 for j in range(len(axes))]))
     if progress < split:
         cut = low_cutoff + (1.0 - low_cutoff) * progress / split
         return rho <= cut + 1e-12
@@ -27,15 +30,16 @@ def _stage_mask(grid: tuple[int, int], progress: float, low_cutoff: float, high_
     return rho >= cut - 1e-12 if cut > 0 else torch.ones_like(rho, dtype=torch.bool)
 
 
-def filter_delta(delta: Tensor, grid: tuple[int, int], progress: float, *, enabled: bool = True,
+def filter_delta(delta: Tensor, grid: tuple, progress: float, *, enabled: bool = True,
                  low_cutoff: float = 0.25, high_cutoff: float = 0.25, split: float = 0.5) -> Tensor:
     """Stage-aware filtering of the drift ``delta = R_j - R_prev`` over the token grid.
 
-    Tokens are laid out row-major on an ``H × W`` grid (token ``h·W + w``). Each channel
-    is transformed with ``torch.fft.rfft2`` over ``(H, W)``, multiplied by a 0/1 mask on
-    the normalised Chebyshev frequency radius
-    ``ρ = 2 · max(|f_y|, |f_x|)`` (``f`` in cycles per token, so ``ρ = 0`` is the
-    constant and ``ρ = 1`` the Nyquist frequency), and transformed back:
+    Tokens are laid out row-major on an ``H × W`` grid (token ``h·W + w``), or for video
+    on an ``F × H × W`` grid (token ``(f·H + h)·W + w``). Each channel is transformed with
+    ``torch.fft.rfftn`` over the grid's axes, multiplied by a 0/1 mask on the normalised
+    Chebyshev frequency radius ``ρ = 2 · max(|f_t|, |f_y|, |f_x|)`` (``f`` in cycles per
+    token along each axis, so ``ρ = 0`` is the constant and ``ρ = 1`` the Nyquist
+    frequency; a video's frame axis counts as one more axis), and transformed back:
 
     - early, ``progress < split``: **low-pass**, keep ``ρ <= c_lo``,
       ``c_lo = low_cutoff + (1 - low_cutoff) · progress / split`` (opens to all-pass at
@@ -53,9 +57,9 @@ def filter_delta(delta: Tensor, grid: tuple[int, int], progress: float, *, enabl
     Parameters
     ----------
     delta
-        ``[B, T, D]`` with ``T = H · W``.
+        ``[B, T, D]`` with ``T`` the grid's token count.
     grid
-        ``(H, W)``.
+        ``(H, W)`` or ``(F, H, W)``.
     progress
         In ``[0, 1]``: 0 the first step, 1 the last.
     enabled
@@ -75,12 +79,14 @@ def filter_delta(delta: Tensor, grid: tuple[int, int], progress: float, *, enabl
         return delta
     if delta.dim() != 3:
         raise ValueError(f"delta must be [B, T, D], got shape {list(delta.shape)}")
-    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+    if (not isinstance(grid, (tuple, list)) or len(grid) not in (2, 3)
             or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)):
-        raise ValueError(f"grid must be (H, W) with positive ints, got {grid!r}")
-    h, w = grid
-    if h * w != delta.shape[1]:
-        raise ValueError(f"grid {tuple(grid)} has {h * w} tokens but delta has T = {delta.shape[1]}")
+        raise ValueError(f"grid must be (H, W) or (F, H, W) with positive ints, got {grid!r}")
+    tokens = 1
+    for g in grid:
+        tokens *= g
+    if tokens != delta.shape[1]:
+        raise ValueError(f"grid {tuple(grid)} has {tokens} tokens but delta has T = {delta.shape[1]}")
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must be in [0, 1], got {progress!r}")
     for name, v in (("low_cutoff", low_cutoff), ("high_cutoff", high_cutoff)):
@@ -88,10 +94,12 @@ def filter_delta(delta: Tensor, grid: tuple[int, int], progress: float, *, enabl
             raise ValueError(f"{name} must be in [0, 1], got {v!r}")
     if not 0.0 < split < 1.0:
         raise ValueError(f"split must be in (0, 1), got {split!r}")
-    mask = _stage_mask((h, w), float(progress), low_cutoff, high_cutoff, split, delta.device)
+    grid = tuple(grid)
+    mask = _stage_mask(grid, float(progress), low_cutoff, high_cutoff, split, delta.device)
     b, _, d = delta.shape
-    x = delta.float().reshape(b, h, w, d)
-    spec = torch.fft.rfft2(x, dim=(1, 2))  # [B, H, W//2+1, D]
-    spec = spec * mask[None, :, :, None]
-    y = torch.fft.irfft2(spec, s=(h, w), dim=(1, 2))
+    dims = tuple(range(1, len(grid) + 1))
+    x = delta.float().reshape(b, *grid, d)
+    spec = torch.fft.rfftn(x, dim=dims)  # [B, ..., W//2+1, D]
+    spec = spec * mask[None, ..., None]
+    y = torch.fft.irfftn(spec, s=grid, dim=dims)
     return y.reshape(delta.shape).to(delta.dtype)

@@ -404,6 +404,35 @@ def test_filter_delta_bad_arguments():
         filter_delta(x[0], (4, 4), 0.1)
 
 
+def test_filter_delta_video_grid():
+    """(F, H, W): the frame axis is one more frequency axis. A drift constant over frames is
+    filtered frame by frame as on (H, W); a frame-alternating drift is the frame Nyquist
+    (removed early, kept late); energy never grows."""
+    f, h, w, d = 4, 6, 8, 3
+    g = torch.Generator().manual_seed(0)
+    frame = torch.randn(2, h * w, d, generator=g)
+    static = frame.repeat(1, f, 1)  # the same drift on every frame
+    for progress in (0.0, 0.3, 0.5, 0.8, 1.0):
+        y = filter_delta(static, (f, h, w), progress)
+        expect = filter_delta(frame, (h, w), progress)
+        if progress > 0.5:  # the high-pass also removes what is constant over frames at ρ < cut
+            continue
+        torch.testing.assert_close(y, expect.repeat(1, f, 1), rtol=1e-5, atol=1e-5)
+    flip = ((-1.0) ** torch.arange(f)).repeat_interleave(h * w).reshape(1, f * h * w, 1)
+    const = torch.full((2, f * h * w, d), 1.5)
+    torch.testing.assert_close(filter_delta(const + flip, (f, h, w), 0.0), const, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(filter_delta(const + flip, (f, h, w), 1.0), flip.expand(2, -1, d),
+                               rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, f * h * w, d, generator=g)
+    for progress in np.linspace(0, 1, 11):
+        assert filter_delta(x, (f, h, w), float(progress)).double().square().sum() <= \
+            x.double().square().sum() * (1 + 1e-6)
+    with pytest.raises(ValueError, match="grid"):
+        filter_delta(x, (f, h, w + 1), 0.1)
+    with pytest.raises(ValueError, match="grid"):
+        filter_delta(x, (1, f, h, w), 0.1)
+
+
 def test_public_names():
     for name in schedule.__all__:
         assert callable(getattr(schedule, name))
