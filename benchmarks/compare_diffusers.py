@@ -36,7 +36,9 @@ inputs) lands within ±0.03 of each target; integer knobs are scanned upward (st
 below the target band), float knobs bisected (at most ``--bisect`` evaluations, stopping
 within ±0.01), every evaluated point memoised per system so later targets start from a
 bracket. A system that cannot reach a target reports the nearest point it reaches. OmniCache
-and L2C take the target itself (their plans are cut to a FLOP fraction).
+and L2C take the target itself as their knob (their plans are cut to a FLOP fraction, in
+whole steps); where that lands outside ±0.03 (OmniCache rounds its computed steps up), the
+knob one step lower (or higher) is tried as well and the nearer kept.
 
 Measurements:
 
@@ -387,8 +389,13 @@ class Tuner:
 
     def tune(self, target):
         name, kind, lo, hi = self.system.knob
-        if kind == "target":
-            return target
+        if kind == "target":  # a FLOP fraction, quantised to whole steps: try one step either way
+            f = self.fraction(target, target)
+            if abs(f - target) > TOLERANCE:
+                alt = target - 1.0 / self.ctx.steps if f > target else target + 1.0 / self.ctx.steps
+                if lo < alt <= hi:
+                    self.fraction(alt, target)
+            return min(self.memo, key=lambda k: (abs(self.memo[k] - target), abs(k - target)))
         if kind == "int":
             best = None
             for v in range(int(lo), int(hi) + 1):
