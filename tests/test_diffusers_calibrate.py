@@ -179,3 +179,24 @@ def test_l2c_with_gamma_through_the_pipeline():
     assert err_fit < err_plain
     refit = oc.fit_gamma(pipe, plain, progress=False, **_pipe_kwargs(0))  # the same fit on a plan held as a value
     assert refit.meta["policy"] == "L2C+gamma" and refit.gamma == plan.gamma and refit.gamma2 == plan.gamma2
+
+
+def test_latte_calibration_router_and_magcache():
+    """Latte changes its token layout between blocks (spatial / temporal): calibration records
+    each block's residual (as a step plan runs there), and every fitted method runs on it."""
+    from omnicache.policies import MagCacheConfig
+
+    m, shape, inputs = dm.make("Latte")
+
+    def run(seed=0):  # Latte predicts noise and variance: dm.sample steps on the first channels
+        return dm.sample(m, shape, inputs, STEPS, seed=seed)[-1]
+    plan = oc.calibrate(m, OmniCacheConfig(compute_fraction=0.5), run=run, steps=STEPS, progress=False)
+    _, s = _final_error(m, plan, lambda: run(5), run(5))
+    assert abs(s.compute_fraction - 0.5) <= 0.03
+    plan = oc.train_router(m, L2CConfig(compute_fraction=0.7, iters=3), run=run, steps=STEPS, progress=False)
+    _, s = _final_error(m, plan, run, run())
+    assert abs(s.compute_fraction - plan.meta["flops_fraction"]) <= 0.02
+    cfg = oc.fit_magcache(m, MagCacheConfig(threshold=0.3), run=run, steps=STEPS, progress=False)
+    assert len(cfg.mag_ratios) == STEPS and cfg.mag_ratios[0] == 1.0
+    _, s = _final_error(m, cfg, run, run())
+    assert s.compute_fraction < 1.0

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import sys
 
 import torch
@@ -265,24 +266,31 @@ class DiffusersEngine:
         enable(self.pipe if self.pipe is not None else self.transformer, NoCacheConfig(), steps=steps,
                check_plan=False)
         _, rt = runtime_of(self.transformer)
-        first, last = rt.bound[0], rt.bound[-1]
-        store: dict = {}  # context -> step -> {"in": {...}, "res": {...}}
+        # The residual's spans: the whole stack, or each block where the model changes its
+        # token layout between blocks (Latte: spatial / temporal), as a step plan runs there.
+        spans = list(rt.units)
+        store: dict = {}  # context -> step -> {"in": {span: {...}}, "res": {(span, stream): ...}}
         bar = tqdm(desc="calibration: recording", unit="call", disable=not self.progress, file=sys.stderr)
 
-        def pre(module, args, kwargs):
+        def pre(u, module, args, kwargs):
             ctx = rt.current
-            store.setdefault(ctx.name, {})[ctx.step] = {"in": {n: x.detach().clone() for n, x in
-                                                                 first.inputs(args, kwargs).items() if x is not None}}
+            rec = store.setdefault(ctx.name, {}).setdefault(ctx.step, {"in": {}, "res": {}})
+            rec["in"][u] = {n: x.detach().clone() for n, x in rt.bound[spans[u][0]].inputs(args, kwargs).items()
+                            if x is not None}
 
-        def post(module, args, kwargs, out):
+        def post(u, module, args, kwargs, out):
             ctx = rt.current
             rec = store[ctx.name][ctx.step]
-            outs = last.outputs(out)
-            rec["res"] = {n: (outs[n] - x).detach().float() for n, x in rec["in"].items() if outs.get(n) is not None}
-            bar.update()
+            outs = rt.bound[spans[u][1] - 1].outputs(out)
+            rec["res"].update({(u, n): (outs[n] - x).detach().float() for n, x in rec["in"].pop(u).items()
+                               if outs.get(n) is not None})
+            if u == len(spans) - 1:
+                bar.update()
 
-        handles = [first.module.register_forward_pre_hook(pre, with_kwargs=True),
-                   last.module.register_forward_hook(post, with_kwargs=True), *self._extra_hooks(rt)]
+        handles = [*self._extra_hooks(rt)]
+        for u, (lo, hi) in enumerate(spans):
+            handles.append(rt.bound[lo].module.register_forward_pre_hook(functools.partial(pre, u), with_kwargs=True))
+            handles.append(rt.bound[hi - 1].module.register_forward_hook(functools.partial(post, u), with_kwargs=True))
         latents, sens = [], []
         restore = self._wrap_step(latents, sens)
         try:

@@ -13,6 +13,7 @@ The run is the user's own, as for :func:`.calibrate.calibrate`: ``pipe(**pipe_ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import torch
@@ -62,7 +63,8 @@ def fit_magcache(pipe_or_transformer, config, *, run=None, steps: int | None = N
                  **pipe_call_kwargs):
     """MagCache's magnitude ratios measured on this model from one uncached run: returns
     ``config`` (a ``MagCacheConfig``) with ``mag_ratios``, ``γ_t`` = the mean over tokens of
-    ``‖r_t‖ / ‖r_{t-1}‖``, ``r`` the block stack's ``hidden_states`` residual, every cache
+    ``‖r_t‖ / ‖r_{t-1}‖``, ``r`` the block stack's ``hidden_states`` residual (each block's,
+    on models whose token layout changes between blocks, e.g. Latte), every cache
     context's tokens pooled (:func:`omnicache.policies.magcache.mag_ratios_from_residuals`;
     only the per-token norms are kept). Arguments as for :func:`calibrate`."""
     from ...policies import MagCacheConfig, NoCacheConfig
@@ -77,21 +79,24 @@ def fit_magcache(pipe_or_transformer, config, *, run=None, steps: int | None = N
     target = pipe if pipe is not None else transformer
     enable(target, NoCacheConfig(), steps=steps, check_plan=False)
     _, rt = runtime_of(transformer)
-    first, last = rt.bound[0], rt.bound[-1]
-    norms: dict = {}  # step -> per call: the token norms of its residual
+    spans = list(rt.units)  # the whole stack, or each block where the token layout changes (Latte)
+    norms: dict = {}  # step -> the token norms of its residual(s), call by call, span by span
     pending = {}
     bar = tqdm(desc="fit_magcache: recording", unit="call", disable=not progress, file=sys.stderr)
 
-    def pre(module, args, kwargs):
-        pending["in"] = first.inputs(args, kwargs)["hidden_states"]
+    def pre(u, module, args, kwargs):
+        pending[u] = rt.bound[spans[u][0]].inputs(args, kwargs)["hidden_states"]
 
-    def post(module, args, kwargs, out):
-        r = last.outputs(out)["hidden_states"] - pending.pop("in")
+    def post(u, module, args, kwargs, out):
+        r = rt.bound[spans[u][1] - 1].outputs(out)["hidden_states"] - pending.pop(u)
         norms.setdefault(rt.current.step, []).append(token_norms(r))
-        bar.update()
+        if u == len(spans) - 1:
+            bar.update()
 
-    handles = [first.module.register_forward_pre_hook(pre, with_kwargs=True),
-               last.module.register_forward_hook(post, with_kwargs=True)]
+    handles = []
+    for u, (lo, hi) in enumerate(spans):
+        handles.append(rt.bound[lo].module.register_forward_pre_hook(functools.partial(pre, u), with_kwargs=True))
+        handles.append(rt.bound[hi - 1].module.register_forward_hook(functools.partial(post, u), with_kwargs=True))
     try:
         runs()
     finally:
