@@ -409,3 +409,38 @@ def test_dbcache_back_blocks_and_consecutive_cap(name):
     assert _max_err(ref, exact) < 1e-5
     with pytest.raises(ValueError, match="last"):
         od.enable(m, FirstBlockCacheConfig(first_blocks=2, last_blocks=n - 2), steps=STEPS)
+
+
+@pytest.mark.parametrize("name", ["Flux", "Wan"])
+def test_dynamic_flops_counted_from_costs_equal_the_linear_layers(name):
+    """After one call with given shapes computes every block, a whole-batch dynamic policy
+    counts later calls from the measured per-block costs with its Linear hooks detached (the
+    hooks slow every Linear call); the summary still equals the FLOPs the Linear layers ran,
+    counted here by our own hooks, and a new batch size is measured again."""
+    m, shape, inputs = dm.make(name)
+    ran = []
+
+    def count(module, args, out):
+        ran.append(2 * module.in_features * module.out_features * (args[0].numel() // module.in_features))
+    linears = [x for x in m.modules() if isinstance(x, torch.nn.Linear)]
+    handles = [x.register_forward_hook(count) for x in linears]
+    od.enable(m, FirstBlockCacheConfig(threshold=1e9, max_consecutive=1), steps=STEPS)  # compute, reuse, ...
+    n_hooks = sum(len(x._forward_hooks) for x in linears)
+    for batch in (shape[0], 1):
+        sub = (batch, *shape[1:])
+        sub_inputs = lambda x, t, _b=batch: {k: (v[:_b] if torch.is_tensor(v) and v.dim() and v.shape[0] == shape[0]
+                                                 and k != "img_ids" else v) for k, v in inputs(x, t).items()}
+        for _ in range(2):
+            ran.clear()
+            dm.sample(m, sub, sub_inputs, STEPS)
+            s = od.summary(m)
+            dec = [d["compute"] for d in next(iter(s.contexts.values()))["stats"]]
+            assert dec == [i % 2 == 0 for i in range(STEPS)], dec
+            assert s.flops == pytest.approx(sum(ran), rel=1e-12)
+            # the last call reused or computed with known shapes: only our own counting hooks remain
+            assert sum(len(x._forward_hooks) for x in linears) == len(linears)
+    assert n_hooks == 2 * len(linears)
+    od.disable(m)
+    for h in handles:
+        h.remove()
+    assert not any(x._forward_hooks for x in linears)

@@ -83,8 +83,19 @@ class _Installer:
     def is_variant(self, fn):
         return any(fn == v for v in self.variants.values()) or any(fn is w for w in self.wrapped)
 
-    def before_call(self, module, args):
-        self.rt.before_call()
+    def before_call(self, module, args, kwargs):
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in (*enumerate(args), *kwargs.items())
+                    if isinstance(v, torch.Tensor))
+        self.rt.before_call(key)
+
+    def linear_hooks(self, on: bool):
+        """Attach (``on``) or detach the ``nn.Linear`` FLOP-counting hooks."""
+        if on and not self.linear_handles:
+            self.linear_handles = [m.register_forward_hook(h) for m, h in self.linears]
+        elif not on and self.linear_handles:
+            for h in self.linear_handles:
+                h.remove()
+            self.linear_handles = []
 
     def after_call(self, module, args, output):
         self.rt.after_call()
@@ -178,11 +189,12 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
         inst.handles.append(norm1.register_forward_hook(rt.capture_norm1))
     index = {id(m): (b, 2) for b, blk in enumerate(rt.blocks) for m in blk.modules()}
     index.update({id(m): (k, kind) for k, kind, _, sub in branch_subs for m in sub.modules()})
-    for m in transformer.modules():
-        if isinstance(m, torch.nn.Linear):
-            hook = functools.partial(_linear_hook, rt, *index.get(id(m), (-1, 2)))
-            inst.handles.append(m.register_forward_hook(hook))
-    inst.handles.append(transformer.register_forward_pre_hook(torch.compiler.disable(inst.before_call)))
+    inst.linears = [(m, functools.partial(_linear_hook, rt, *index.get(id(m), (-1, 2))))
+                    for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
+    inst.linear_handles = []
+    inst.linear_hooks(True)
+    inst.handles.append(transformer.register_forward_pre_hook(torch.compiler.disable(inst.before_call),
+                                                              with_kwargs=True))
     inst.handles.append(transformer.register_forward_hook(torch.compiler.disable(inst.after_call)))
 
     orig_cc = getattr(transformer, "cache_context", None)
@@ -231,6 +243,7 @@ def disable(pipe_or_transformer) -> None:
     inst = rt.installer
     for h in inst.handles:
         h.remove()
+    inst.linear_hooks(False)
     for blk, fwd in [*zip(rt.blocks, inst.saved_blocks), *inst.saved_branches]:
         del blk.forward
         if fwd is not None:

@@ -163,6 +163,7 @@ class Runtime(HostMode, DeviceMode):
         # linear FLOPs: per block index (-1: outside the blocks), counted in eager calls
         self.block_cost = [None] * self.n
         self.call_flops = None
+        self.fast_costs, self.call_key, self.call_costs = {}, None, None  # see before_call
         # calibration (.calibrate): at a reuse step, run the unit anyway and let ``fitting``
         # choose the forecast from the true output (closed-loop γ); None in normal use
         self.fitting = None
@@ -264,9 +265,22 @@ class Runtime(HostMode, DeviceMode):
         return self.group if self.group is not None else context_parallel_group(self.transformer)
 
     # ------------------------------------------------------- eager, outside compiled code
-    def before_call(self):
-        self.call_flops = [0] * (self.n + 1)
-        self.call_parts = [[0, 0, 0] for _ in range(self.n)]
+    def before_call(self, key=None):
+        """Start a call's FLOP count; ``key``: the shapes of its tensor arguments. Once a call
+        of a whole-batch dynamic policy has computed every block with these shapes, later
+        calls with the same shapes count from those per-block costs and the ``nn.Linear``
+        hooks are detached (a hook puts every Linear call on torch's slow path: +4% per
+        cached step on the Flux arena, measured); any other call re-attaches them."""
+        known = self.fast_costs.get(key) if self._counts_from_costs() else None
+        self.call_key, self.call_costs = key, known
+        self.installer.linear_hooks(known is None)
+        if known is None:
+            self.call_flops = [0] * (self.n + 1)
+            self.call_parts = [[0, 0, 0] for _ in range(self.n)]
+
+    def _counts_from_costs(self) -> bool:
+        return (self.kind == "dynamic" and not self.per_sample and not self.device_mode
+                and self.fitting is None)
 
     def count_linear(self, index, flops, part=2, module=None):
         """``flops`` of one ``nn.Linear`` call in block ``index`` (-1: outside the blocks), in its
@@ -314,9 +328,14 @@ class Runtime(HostMode, DeviceMode):
             ctx.stats.append({"signal_rel_l1": self.last_rel, "compute": compute,
                               **ctx.decider.record(), "residual": stats})
         ctx.trace.append(computed)
-        counts = self.call_flops or [0] * (self.n + 1)
+        if self.call_costs is not None:  # this call's shapes were measured: count from the costs
+            blocks, outside = self.call_costs
+            counts = [blocks[b] if c else 0 for b, c in enumerate(computed)] + [outside]
+            self.call_flops = None
+        else:
+            counts = self.call_flops or [0] * (self.n + 1)
         for b, c in enumerate(computed):  # a fully computed block's count in an eager call is its cost
-            if counts[b] > 0:
+            if counts[b] > 0 and self.call_flops is not None:
                 if all(parts[b]):
                     self.block_cost[b] = counts[b]
                 for k in range(3):  # each part that ran on every row: its cost
@@ -324,6 +343,8 @@ class Runtime(HostMode, DeviceMode):
                         self.part_cost[b][k] = self.call_parts[b][k]
         if self.call_flops is not None and any(counts[:-1]):
             self.outside_cost = counts[-1]
+            if self._counts_from_costs() and all(c is True for c in computed) and all(counts[:-1]):
+                self.fast_costs[self.call_key] = (list(counts[:-1]), counts[-1])
         ctx.flops.append(counts)
         self.call_flops = self.call_parts = None
         ctx.step += 1
@@ -335,7 +356,9 @@ class Runtime(HostMode, DeviceMode):
     # ------------------------------------------------------------- inside the block loop
     def _unit(self, u, stream, like):
         units = self.current.units[u]
-        if stream not in units:  # the first store of this context allocates (its own compiled variant)
+        if stream not in units or units[stream].F.shape != like.shape:
+            # the first store of this context allocates (its own compiled variant); a run with
+            # other shapes (another batch size or resolution) allocates anew
             units[stream] = CacheUnit(self.order if self.kind == "static" else 0).allocate(like)
         return units[stream]
 
