@@ -668,21 +668,25 @@ def plot(report, path):
     blocks = list(report["per_steps"].values())
     fig, axes = plt.subplots(1, len(blocks), figsize=(7 * len(blocks), 5.5), squeeze=False)
     markers = {"ours": "o", "diffusers": "s", "cache-dit": "^"}
+    # one colour per system across the panels (a system absent from one panel keeps its colour)
+    names = sorted({r["system"] for block in blocks for r in block["rows"] if r["system"] != "uncached"})
+    cmap = plt.get_cmap("tab20")
+    handles = {}
     for ax, block in zip(axes[0], blocks):
-        names = sorted({r["system"] for r in block["rows"] if r["system"] != "uncached"})
-        cmap = plt.get_cmap("tab20")
         for k, name in enumerate(names):
             pts = [r for r in block["rows"] if r["system"] == name and not math.isinf(r["psnr"])
                    and r.get("shared_with") is None]
             if not pts:
                 continue
-            ax.plot([r["speedup"] for r in pts], [r["psnr"] for r in pts], marker=markers.get(pts[0]["family"], "x"),
-                    color=cmap(k % 20), label=name, linestyle="-", linewidth=0.8)
+            handles[name], = ax.plot([r["speedup"] for r in pts], [r["psnr"] for r in pts],
+                                     marker=markers.get(pts[0]["family"], "x"), color=cmap(k % 20), label=name,
+                                     linestyle="-", linewidth=0.8)
         ax.set_xlabel("measured speedup (uncached wall / wall)")
         ax.set_ylabel("PSNR vs uncached (dB)")
         ax.set_title(f"Flux digits arena, {block['steps']} steps")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][-1].legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
+                       fontsize=7, loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
