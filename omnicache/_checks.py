@@ -153,3 +153,56 @@ def check_trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> None:
 def check_rel_l1(a: Tensor, b: Tensor) -> None:
     check_types("rel_l1", {"a": a, "b": b})
     _check_like("rel_l1", ("a", a), [("b", b)])
+
+
+# ------------------------------------------------------------------ token ops
+INT32_MAX = 2**31 - 1
+
+
+def _check_tokens(op: str, name: str, t: Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        _fail(op, f"{name} must be float32, float16 or bfloat16, got {_dtype(t)}")
+    if t.dim() != 3:
+        _fail(op, f"{name} must have shape [B, N, C], got {_fmt(t.shape)}")
+
+
+def _check_index(op: str, index: Tensor, ref: tuple[str, Tensor]) -> None:
+    """int64 ``[B, K]`` on ref's device; on the CPU every entry in ``[0, N)`` (on a GPU
+    that would synchronise: the kernels handle it on the device, see reference.py)."""
+    rname, r = ref
+    if index.dtype != torch.int64:
+        _fail(op, f"index must be int64, got {_dtype(index)}")
+    if index.device != r.device:
+        _fail(op, f"index is on {index.device} but {rname} is on {r.device}")
+    if index.dim() != 2 or index.shape[0] != r.shape[0]:
+        _fail(op, f"index must have shape [B, K] with B = {r.shape[0]}, got {_fmt(index.shape)}")
+    if index.shape[1] > INT32_MAX:
+        _fail(op, f"index has {index.shape[1]} columns; at most {INT32_MAX}")
+    n = r.shape[1]
+    if (index.device.type == "cpu" and index.numel() and not _is_fake(index)
+            and not torch.compiler.is_compiling()):
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= n:
+            _fail(op, f"index must lie in [0, N) = [0, {n}), got values from {lo} to {hi}")
+
+
+def check_token_update(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor) -> None:
+    op = "token_update_"
+    check_types(op, {"cache": cache, "index": index, "values": values, "hidden": hidden})
+    _check_tokens(op, "hidden", hidden)
+    _check_like(op, ("hidden", hidden), [("cache", cache)])
+    _check_index(op, index, ("hidden", hidden))
+    if values.device != hidden.device:
+        _fail(op, f"values is on {values.device} but hidden is on {hidden.device}")
+    if values.dtype != hidden.dtype:
+        _fail(op, f"values has dtype {_dtype(values)} but hidden has dtype {_dtype(hidden)}")
+    want = (hidden.shape[0], index.shape[1], hidden.shape[2])
+    if tuple(values.shape) != want:
+        _fail(op, f"values must have shape [B, K, C] = {_fmt(want)}, got {_fmt(values.shape)}")
+    _check_target(op, ("cache", cache), [("hidden", hidden), ("values", values), ("index", index)])
+
+
+def check_gather_tokens(x: Tensor, index: Tensor) -> None:
+    check_types("gather_tokens", {"x": x, "index": index})
+    _check_tokens("gather_tokens", "x", x)
+    _check_index("gather_tokens", index, ("x", x))

@@ -3,7 +3,9 @@
 Every kernel (C++ CPU, CUDA, Triton) is tested against these functions, and the
 ``torch`` backend runs them. Arithmetic is done in ``acc`` (float32 by default, the
 accumulation type of the kernels); tests call them with ``acc=torch.float64`` for an
-exact reference. Dim 0 is the batch ``B``; statistics reduce over all other dims.
+exact reference. Dim 0 is the batch ``B``; statistics reduce over all other dims. The
+token ops (``token_update_``, ``gather_tokens``) take ``[B, N, C]`` tokens and a
+``[B, K]`` int64 index.
 
 These functions do not validate their arguments; :mod:`omnicache.ops` does.
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["apply_residual_", "store_residual_", "trajectory_stats", "rel_l1"]
+__all__ = ["apply_residual_", "store_residual_", "trajectory_stats", "rel_l1", "token_update_",
+           "gather_tokens"]
 
 
 def _per_sample(t: Tensor, acc: torch.dtype) -> Tensor:
@@ -122,3 +125,62 @@ def rel_l1(a: Tensor, b: Tensor, *, acc: torch.dtype = torch.float32) -> Tensor:
     bb = _per_sample(b, acc)
     stats = torch.stack([(_per_sample(a, acc) - bb).abs().sum(1), bb.abs().sum(1)], dim=1)
     return stats.to(out_dtype)
+
+
+# ------------------------------------------------------------------ token ops (ToCa)
+# An index outside [0, N) is refused on the host (CPU tensors: omnicache.ops raises). On a
+# GPU nothing is checked on the host (that would synchronise); what follows is then the
+# specification every backend implements on the device: a gathered row with such an
+# index is NaN, and token_update_ writes no element of cache and returns out all NaN.
+def _token_owners(index: Tensor, n: int) -> Tensor:
+    """``[B, N]`` int64: for each token the largest ``k`` with ``index[b, k] == n`` (the
+    last occurrence wins), or -1 when the token is not selected."""
+    batch, k = index.shape
+    owner = torch.full((batch, n), -1, dtype=torch.int64, device=index.device)
+    if k == 0 or n == 0:
+        return owner
+    inside = (index >= 0) & (index < n)
+    ks = torch.where(inside, torch.arange(k, device=index.device).expand(batch, k), -1)
+    return owner.scatter_reduce_(1, index.clamp(0, n - 1), ks, reduce="amax")
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, k], :]`` for ``[B, N, C]`` x and an in-range ``[B, K]`` index."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def token_update_(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor, *,
+                  acc: torch.dtype = torch.float32) -> Tensor:
+    """ToCa's token-wise update of a unit's cached residual; returns the unit's output.
+
+    ``hidden``, ``cache``: ``[B, N, C]``; ``index``: ``[B, K]`` int64; ``values``:
+    ``[B, K, C]``, the unit's output for the tokens ``index`` selects. For a selected
+    token (``n = index[b, k]``, the largest such ``k`` when ``n`` repeats)::
+
+        cache[b, n] = values[b, k] - hidden[b, n]     # its new residual
+        out[b, n] = values[b, k]                      # exactly
+
+    and for every other token ``out[b, n] = hidden[b, n] + cache[b, n]`` (reuse). One
+    rounding to the dtype per written element.
+    """
+    batch, n, c = hidden.shape
+    if hidden.numel() == 0:
+        return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    owner = _token_owners(index, n)
+    selected = (owner >= 0).unsqueeze(-1)
+    h, old = hidden.to(acc), cache.to(acc)
+    v = _rows(values.to(acc), owner.clamp_min(0)) if index.shape[1] else h
+    ok = ((index >= 0) & (index < n)).all()  # a device tensor: nothing syncs
+    out = torch.where(ok & selected, v, torch.where(ok, h + old, float("nan")))
+    cache.copy_(torch.where(ok & selected, v - h, old))
+    return out.to(hidden.dtype)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``out[b, k] = x[b, index[b, k]]``: ``[B, N, C]``, ``[B, K]`` -> ``[B, K, C]``, rows
+    copied bit for bit."""
+    batch, n, c = x.shape
+    if n == 0:
+        return torch.full((batch, index.shape[1], c), float("nan"), dtype=x.dtype, device=x.device)
+    inside = ((index >= 0) & (index < n)).unsqueeze(-1)
+    return torch.where(inside, _rows(x, index.clamp(0, n - 1)), float("nan"))
