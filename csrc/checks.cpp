@@ -2,6 +2,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -100,6 +103,39 @@ void check_gate(const char* op, const at::Tensor& gate, const at::Tensor& hidden
                     shape_str(gate.sizes()));
 }
 
+void check_tokens(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(is_float_dtype(t.scalar_type()), "omnicache.", op, ": ", name,
+                    " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 3, "omnicache.", op, ": ", name, " must have shape [B, N, C], got ",
+                    shape_str(t.sizes()));
+}
+
+// int64 [B, K] on ref's device; on the CPU every entry in [0, N).
+void check_index(const char* op, const at::Tensor& index, const Named& ref) {
+  const at::Tensor& r = *ref.second;
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong, "omnicache.", op,
+                    ": index must be int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.device() == r.device(), "omnicache.", op, ": index is on ",
+                    index.device(), " but ", ref.first, " is on ", r.device());
+  TORCH_CHECK_VALUE(index.dim() == 2 && index.size(0) == r.size(0), "omnicache.", op,
+                    ": index must have shape [B, K] with B = ", r.size(0), ", got ",
+                    shape_str(index.sizes()));
+  constexpr int64_t kMaxK = std::numeric_limits<int32_t>::max();  // owners are int32
+  TORCH_CHECK_VALUE(index.size(1) <= kMaxK, "omnicache.", op, ": index has ", index.size(1),
+                    " columns; at most ", kMaxK);
+  if (!index.is_cpu() || index.numel() == 0) return;
+  const at::Tensor idx = index.contiguous();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  int64_t lo = p[0], hi = p[0];
+  for (int64_t i = 1; i < idx.numel(); ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  const int64_t n = r.size(1);
+  TORCH_CHECK_VALUE(lo >= 0 && hi < n, "omnicache.", op, ": index must lie in [0, N) = [0, ", n,
+                    "), got values from ", lo, " to ", hi);
+}
+
 }  // namespace
 
 int64_t per_sample(const at::Tensor& t) {
@@ -153,6 +189,30 @@ void check_trajectory_stats(const at::Tensor& x_next, const at::Tensor& x,
 
 void check_rel_l1(const at::Tensor& a, const at::Tensor& b) {
   check_like("rel_l1", {"a", &a}, {{"b", &b}});
+}
+
+void check_token_update(const at::Tensor& cache, const at::Tensor& index,
+                        const at::Tensor& values, const at::Tensor& hidden) {
+  const char* op = "token_update_";
+  check_tokens(op, "hidden", hidden);
+  check_like(op, {"hidden", &hidden}, {{"cache", &cache}});
+  check_index(op, index, {"hidden", &hidden});
+  TORCH_CHECK_VALUE(values.device() == hidden.device(), "omnicache.", op, ": values is on ",
+                    values.device(), " but hidden is on ", hidden.device());
+  TORCH_CHECK_VALUE(values.scalar_type() == hidden.scalar_type(), "omnicache.", op,
+                    ": values has dtype ", values.scalar_type(), " but hidden has dtype ",
+                    hidden.scalar_type());
+  const std::vector<int64_t> want{hidden.size(0), index.size(1), hidden.size(2)};
+  TORCH_CHECK_VALUE(values.sizes() == at::IntArrayRef(want), "omnicache.", op,
+                    ": values must have shape [B, K, C] = ", shape_str(want), ", got ",
+                    shape_str(values.sizes()));
+  check_target(op, {"cache", &cache},
+               {{"hidden", &hidden}, {"values", &values}, {"index", &index}});
+}
+
+void check_gather_tokens(const at::Tensor& x, const at::Tensor& index) {
+  check_tokens("gather_tokens", "x", x);
+  check_index("gather_tokens", index, {"x", &x});
 }
 
 }  // namespace omnicache

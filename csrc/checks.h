@@ -26,6 +26,14 @@ void check_trajectory_stats(const at::Tensor& x_next, const at::Tensor& x,
 
 void check_rel_l1(const at::Tensor& a, const at::Tensor& b);
 
+// The token ops: [B, N, C] tokens, an int64 [B, K] index. The index range is checked
+// here when the index is on the CPU; on a GPU reading it would synchronise, and the
+// kernels handle an out-of-range index on the device (omnicache/reference.py).
+void check_token_update(const at::Tensor& cache, const at::Tensor& index,
+                        const at::Tensor& values, const at::Tensor& hidden);
+
+void check_gather_tokens(const at::Tensor& x, const at::Tensor& index);
+
 // Elements per sample: numel / size(0) (0 when the tensor is empty).
 int64_t per_sample(const at::Tensor& t);
 

@@ -24,4 +24,7 @@ TORCH_LIBRARY(omnicache, m) {
         "Tensor(c!)? delta2=None) -> Tensor");
   m.def("trajectory_stats(Tensor x_next, Tensor x, Tensor x_prev) -> Tensor");
   m.def("rel_l1(Tensor a, Tensor b) -> Tensor");
+  // ToCa (token-wise caching): [B, N, C] tokens, [B, K] int64 index of recomputed tokens.
+  m.def("token_update_(Tensor(a!) cache, Tensor index, Tensor values, Tensor hidden) -> Tensor");
+  m.def("gather_tokens(Tensor x, Tensor index) -> Tensor");
 }

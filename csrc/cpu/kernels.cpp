@@ -23,6 +23,7 @@ namespace omnicache::cpu {
 
 namespace baseline {
 #include "kernels_impl.h"
+#include "token_kernels_impl.h"
 }  // namespace baseline
 
 #ifdef OMNICACHE_X86_TABLES
@@ -31,6 +32,7 @@ namespace baseline {
 #define OMNICACHE_F16C_256 1
 namespace avx2 {
 #include "kernels_impl.h"
+#include "token_kernels_impl.h"
 }  // namespace avx2
 #undef OMNICACHE_F16C_256
 #pragma GCC pop_options
@@ -40,6 +42,7 @@ namespace avx2 {
 #define OMNICACHE_F16C_512 1
 namespace avx512 {
 #include "kernels_impl.h"
+#include "token_kernels_impl.h"
 }  // namespace avx512
 #undef OMNICACHE_F16C_512
 #pragma GCC pop_options
@@ -55,16 +58,16 @@ const KernelTable& kernels() {
     if (cap != "baseline" && cap != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       return KernelTable{"avx512", avx512::apply_residual, avx512::store_residual,
-                         avx512::trajectory_stats, avx512::rel_l1};
+                         avx512::trajectory_stats, avx512::rel_l1, avx512::token_update};
     }
     if (cap != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c")) {
       return KernelTable{"avx2", avx2::apply_residual, avx2::store_residual,
-                         avx2::trajectory_stats, avx2::rel_l1};
+                         avx2::trajectory_stats, avx2::rel_l1, avx2::token_update};
     }
 #endif
     return KernelTable{"baseline", baseline::apply_residual, baseline::store_residual,
-                       baseline::trajectory_stats, baseline::rel_l1};
+                       baseline::trajectory_stats, baseline::rel_l1, baseline::token_update};
   }();
   return table;
 }

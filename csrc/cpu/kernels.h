@@ -53,8 +53,25 @@ struct ReduceArgs {
 // write-only outputs are stored non-temporally.
 constexpr int64_t kStreamBytes = int64_t{32} << 20;
 
+// token_update_ over the tokens [begin, end) of the flat [B * N] view: owner[t] >= 0:
+// cache row t = values row (b * K + owner[t]) - hidden row t, out row t = that values
+// row (copied); owner[t] < 0: out row t = hidden row t + cache row t. Rows of C elements.
+struct TokenArgs {
+  void* cache;
+  void* out;
+  const void* values;
+  const void* hidden;
+  const int32_t* owner;  // [B * N]: the last k with index[b, k] == n, or -1
+  int64_t tokens;        // N
+  int64_t selected;      // K
+  int64_t channels;      // C
+  DType dtype;
+  bool stream = false;   // write out around the caches (large calls)
+};
+
 using ApplyFn = void (*)(const ApplyArgs&, int64_t begin, int64_t end);
 using ReduceFn = void (*)(const ReduceArgs&, int64_t begin, int64_t end, float* partials);
+using TokenFn = void (*)(const TokenArgs&, int64_t begin, int64_t end);
 
 struct KernelTable {
   const char* isa;  // "avx512", "avx2" or "baseline"
@@ -62,6 +79,7 @@ struct KernelTable {
   ReduceFn store_residual;    // 4 partials
   ReduceFn trajectory_stats;  // 3 partials
   ReduceFn rel_l1;            // 2 partials
+  TokenFn token_update;
 };
 
 // The fastest table this CPU supports, chosen once.

@@ -6,6 +6,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
 #include "../checks.h"
 #include "kernels.h"
 
@@ -118,6 +122,64 @@ at::Tensor rel_l1_cpu(const at::Tensor& a, const at::Tensor& b) {
   return chunked_reduce<2>(a, cpu::kernels().rel_l1, args);
 }
 
+// owner[b * N + n]: the largest k with index[b, k] == n (the last occurrence wins), or
+// -1. One sequential pass per sample, in k order; the index range was checked.
+std::vector<int32_t> token_owners(const at::Tensor& index, int64_t tokens) {
+  const int64_t batch = index.size(0), k = index.size(1);
+  std::vector<int32_t> owner(static_cast<size_t>(batch * tokens), -1);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      for (int64_t j = 0; j < k; ++j) owner[b * tokens + idx[b * k + j]] = static_cast<int32_t>(j);
+    }
+  });
+  return owner;
+}
+
+// Tokens per parallel task: about kChunk elements (a fixed split: the same bits for any
+// number of threads, the kernel being elementwise anyway).
+int64_t token_grain(int64_t channels) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(channels, 1)); }
+
+at::Tensor token_update_cpu(const at::Tensor& cache, const at::Tensor& index,
+                            const at::Tensor& values, const at::Tensor& hidden) {
+  check_token_update(cache, index, values, hidden);
+  at::Tensor out = at::empty(hidden.sizes(), hidden.options());
+  if (hidden.numel() == 0) return out;
+  const at::Tensor idx = index.contiguous(), v = values.contiguous(), h = hidden.contiguous();
+  const int64_t tokens = hidden.size(1);
+  const std::vector<int32_t> owner = token_owners(idx, tokens);
+  const cpu::TokenArgs args{cache.data_ptr(), out.data_ptr(), v.data_ptr(), h.data_ptr(),
+                            owner.data(), tokens, index.size(1), hidden.size(2),
+                            to_dtype(hidden.scalar_type()),
+                            static_cast<int64_t>(out.nbytes()) >= cpu::kStreamBytes};
+  const auto fn = cpu::kernels().token_update;
+  at::parallel_for(0, hidden.size(0) * tokens, token_grain(hidden.size(2)),
+                   [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  return out;
+}
+
+// Row copies: out[b, k] = x[b, index[b, k]]. x needs a contiguous last dim only (its
+// other strides are followed), so a view costs no copy of the N rows.
+at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index) {
+  check_gather_tokens(x, index);
+  const int64_t batch = x.size(0), k = index.size(1), c = x.size(2);
+  at::Tensor out = at::empty({batch, k, c}, x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor src = x.stride(2) == 1 ? x : x.contiguous();
+  const at::Tensor idx = index.contiguous();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  const int64_t size = src.element_size(), row = c * size;
+  const auto* base = static_cast<const char*>(src.data_ptr());
+  auto* dst = static_cast<char*>(out.data_ptr());
+  const int64_t sb = src.stride(0) * size, sn = src.stride(1) * size;
+  at::parallel_for(0, batch * k, token_grain(c), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      std::memcpy(dst + r * row, base + (r / k) * sb + p[r] * sn, static_cast<size_t>(row));
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(omnicache, CPU, m) {
@@ -125,6 +187,8 @@ TORCH_LIBRARY_IMPL(omnicache, CPU, m) {
   m.impl("store_residual_", &store_residual_cpu);
   m.impl("trajectory_stats", &trajectory_stats_cpu);
   m.impl("rel_l1", &rel_l1_cpu);
+  m.impl("token_update_", &token_update_cpu);
+  m.impl("gather_tokens", &gather_tokens_cpu);
 }
 
 }  // namespace omnicache
