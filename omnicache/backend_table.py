@@ -26,7 +26,7 @@ __all__ = ["DEFAULT_PATH", "OPS", "TABLE_BACKENDS", "choose", "load", "validate"
            "clear_cache"]
 
 DEFAULT_PATH = pathlib.Path(__file__).parent / "data" / "auto_backend.json"
-OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1")
+OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1", "token_update_", "gather_tokens")
 TABLE_BACKENDS = ("cuda", "triton")
 _REQUIRED = ("device", "torch", "triton", "date", "choices")
 _OPTIONAL = ("command", "dtype", "batch", "measured")

@@ -1,7 +1,8 @@
 """The omnicache ops: fused bookkeeping for DiT feature caching.
 
 ``import omnicache.ops`` loads the compiled library, which registers
-``torch.ops.omnicache.{apply_residual_, store_residual_, trajectory_stats, rel_l1}``
+``torch.ops.omnicache.{apply_residual_, store_residual_, trajectory_stats, rel_l1,
+token_update_, gather_tokens}``
 (C++ kernels for CPU, CUDA kernels when built), registers the Triton kernels as the
 opaque custom ops ``torch.ops.omnicache_triton.*``, and gives each op's fake impl so
 all of them trace under ``torch.compile(fullgraph=True)``.
@@ -39,13 +40,15 @@ __all__ = [
     "store_residual_",
     "trajectory_stats",
     "rel_l1",
+    "token_update_",
+    "gather_tokens",
     "set_backend",
     "get_backend",
     "available_backends",
 ]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1")
+OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1", "token_update_", "gather_tokens")
 
 
 # ----------------------------------------------------------------------------- fakes
@@ -71,11 +74,23 @@ def _fake_rel_l1(a, b):
     return a.new_empty((a.shape[0], 2), dtype=torch.float32)
 
 
+def _fake_token_update_(cache, index, values, hidden):
+    _checks.check_token_update(cache, index, values, hidden)
+    return hidden.new_empty(hidden.shape)
+
+
+def _fake_gather_tokens(x, index):
+    _checks.check_gather_tokens(x, index)
+    return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
+
+
 _FAKES = {
     "apply_residual_": _fake_apply_residual_,
     "store_residual_": _fake_store_residual_,
     "trajectory_stats": _fake_trajectory_stats,
     "rel_l1": _fake_rel_l1,
+    "token_update_": _fake_token_update_,
+    "gather_tokens": _fake_gather_tokens,
 }
 for _name, _fake in _FAKES.items():
     torch.library.register_fake(f"omnicache::{_name}")(_fake)
@@ -137,6 +152,20 @@ def _triton_rel_l1(a: Tensor, b: Tensor) -> Tensor:
     return _triton_kernels().rel_l1.rel_l1(a, b)
 
 
+@torch.library.custom_op("omnicache_triton::token_update_", mutates_args=("cache",))
+def _triton_token_update_(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor) -> Tensor:
+    _checks.check_token_update(cache, index, values, hidden)
+    _triton_device_ok(hidden)
+    return _triton_kernels().token_update.token_update_(cache, index, values, hidden)
+
+
+@torch.library.custom_op("omnicache_triton::gather_tokens", mutates_args=())
+def _triton_gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    _checks.check_gather_tokens(x, index)
+    _triton_device_ok(x)
+    return _triton_kernels().token_update.gather_tokens(x, index)
+
+
 for _name, _fake in _FAKES.items():
     torch.library.register_fake(f"omnicache_triton::{_name}")(_fake)
 
@@ -163,11 +192,23 @@ def _torch_rel_l1(a, b):
     return reference.rel_l1(a, b)
 
 
+def _torch_token_update_(cache, index, values, hidden):
+    _checks.check_token_update(cache, index, values, hidden)
+    return reference.token_update_(cache, index, values, hidden)
+
+
+def _torch_gather_tokens(x, index):
+    _checks.check_gather_tokens(x, index)
+    return reference.gather_tokens(x, index)
+
+
 class _Torch:
     apply_residual_ = staticmethod(_torch_apply_residual_)
     store_residual_ = staticmethod(_torch_store_residual_)
     trajectory_stats = staticmethod(_torch_trajectory_stats)
     rel_l1 = staticmethod(_torch_rel_l1)
+    token_update_ = staticmethod(_torch_token_update_)
+    gather_tokens = staticmethod(_torch_gather_tokens)
 
 
 def _impls(backend: str):
@@ -364,6 +405,53 @@ def rel_l1(a: Tensor, b: Tensor) -> Tensor:
     """
     _checks.check_types("rel_l1", {"a": a, "b": b})
     return _impls(_resolve("rel_l1", a)).rel_l1(a, b)
+
+
+def token_update_(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor) -> Tensor:
+    """ToCa's token-wise update: store the recomputed tokens' residuals, reuse the rest.
+
+    ``index[b]`` lists the K tokens of sample b the unit recomputed this step and
+    ``values`` is the unit's output for them (``block(gather_tokens(hidden, index))``).
+    For a selected token ``n = index[b, k]`` (a repeated n: the largest k wins)::
+
+        cache[b, n] = values[b, k] - hidden[b, n]        # its new residual
+        out[b, n] = values[b, k]                         # exactly
+
+    and for every other token ``out[b, n] = hidden[b, n] + cache[b, n]`` (reuse), in
+    float32, rounded once to the dtype. Returns ``out``.
+
+    Parameters
+    ----------
+    cache : Tensor
+        ``[B, N, C]`` float32/float16/bfloat16, contiguous; updated in place.
+    index : Tensor
+        ``[B, K]`` int64, entries in ``[0, N)``. Checked on CPU tensors (``ValueError``);
+        on a GPU it is not read back (no sync): a call with an entry outside ``[0, N)``
+        writes nothing to ``cache`` and returns ``out`` all NaN.
+    values : Tensor
+        ``[B, K, C]``, hidden's dtype and device; may be strided.
+    hidden : Tensor
+        ``[B, N, C]``, like ``cache``; may be strided.
+
+    Bytes moved: ``(3N + K)·C·s`` per sample (reused: hidden, cache, out; selected:
+    values, hidden, cache, out), plus the index.
+    """
+    _checks.check_types("token_update_", {"cache": cache, "index": index, "values": values,
+                                          "hidden": hidden})
+    return _impls(_resolve("token_update_", hidden)).token_update_(cache, index, values, hidden)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``out[b, k] = x[b, index[b, k]]``: ``[B, N, C]``, ``[B, K]`` int64 -> ``[B, K, C]``.
+
+    Whole rows copied (bit for bit), not torch.gather's per-element index. ``x`` may be
+    strided (a view with a contiguous last dim is read in place). ``index`` as in
+    :func:`token_update_`; on a GPU a row whose index is outside ``[0, N)`` is NaN.
+
+    Bytes moved: ``2K·C·s`` per sample, plus the index.
+    """
+    _checks.check_types("gather_tokens", {"x": x, "index": index})
+    return _impls(_resolve("gather_tokens", x)).gather_tokens(x, index)
 
 
 try:
