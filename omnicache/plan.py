@@ -1,7 +1,8 @@
 """``CachePlan``: a static caching schedule, decided before sampling.
 
-A plan says, for every sampling step ``i``, block ``b`` and branch ``k`` (0 = attention,
-1 = MLP), whether to compute (``compute[i][b][k] = True``) or to reuse the cache. At a
+A plan says, for every sampling step ``i``, block ``b`` and branch ``k`` (named by
+``branches[k]``; by default ``["attn", "mlp"]``: 0 = attention, 1 = MLP), whether to
+compute (``compute[i][b][k] = True``) or to reuse the cache. At a
 reuse step the executor adds the cached value ``F`` of the unit plus an optional
 forecast from the unit's last computed values::
 
@@ -16,6 +17,15 @@ The cache unit is set by ``granularity``: ``"step"`` (one residual for the whole
 stack, so every block and branch of a step shares one decision), ``"block"`` (one
 residual per block, both branches share it) or ``"branch"`` (attention and MLP
 separately, the pre-gate output with the current step's adaLN gate applied).
+
+**Named branches** (version 2): ``branches`` may instead name the attention kinds apart,
+from ``self_attn`` (spatial self-attention), ``cross_attn`` (attention to the text or
+class tokens), ``temporal_attn`` (a video model's attention across frames) and ``mlp``,
+as PAB and T-GATE cache them. A block that lacks a named branch (a temporal block has no
+cross-attention) ignores that entry. :meth:`CachePlan.for_branches` projects a plan onto
+the branches a model has (our DiT: ``attn`` = its self-attention, ``mlp``). Version-1
+files (no ``branches`` field: ``["attn", "mlp"]``) still load; plans are written as
+version 2.
 
 Plans are saved as human-readable JSON and validated on construction and on load: a
 bad file raises ``ValueError`` naming the field, e.g. ``CachePlan.compute[3][2]: ...``.
@@ -33,13 +43,18 @@ import torch
 
 from .io import atomic_write_text
 
-__all__ = ["CachePlan", "GRANULARITIES", "PLAN_VERSION", "model_fingerprint"]
+__all__ = ["CachePlan", "GRANULARITIES", "PLAN_VERSION", "DEFAULT_BRANCHES", "BRANCH_NAMES", "model_fingerprint"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+# the default branches (version 1): one attention branch (every attention submodule) and the MLP
+DEFAULT_BRANCHES = ("attn", "mlp")
+# named branches (version 2), PAB / T-GATE's units; "attn" stands for all attention kinds at once
+BRANCH_NAMES = ("attn", "self_attn", "cross_attn", "temporal_attn", "mlp")
+ATTENTION_KINDS = ("self_attn", "cross_attn", "temporal_attn")
 GRANULARITIES = ("step", "block", "branch")
 # gamma/gamma2 become float32 device scalars: a value float32 cannot hold is refused on load.
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-_FIELDS = ("version", "steps", "blocks", "granularity", "compute", "gamma", "gamma2", "meta")
+_FIELDS = ("version", "steps", "blocks", "granularity", "branches", "compute", "gamma", "gamma2", "meta")
 
 
 def model_fingerprint(model, blocks: int | None = None) -> dict:
@@ -68,13 +83,29 @@ def _positive_int(field: str, value) -> int:
     return value
 
 
-def _compute_lists(compute, steps: int, blocks: int) -> list:
-    """``compute`` as nested lists of Python bools, checked to be ``[steps][blocks][2]``."""
+def _branch_names(branches) -> list:
+    if branches is None:
+        return list(DEFAULT_BRANCHES)
+    if not isinstance(branches, (list, tuple)) or not branches:
+        _fail("branches", f"must be a non-empty list of branch names, got {branches!r:.60}")
+    for k, name in enumerate(branches):
+        if name not in BRANCH_NAMES:
+            _fail(f"branches[{k}]", f"must be one of {', '.join(BRANCH_NAMES)}, got {name!r:.60}")
+    if len(set(branches)) != len(branches):
+        _fail("branches", f"names must be unique, got {list(branches)}")
+    if "attn" in branches and any(n in branches for n in ATTENTION_KINDS):
+        _fail("branches", f"'attn' (every attention submodule) cannot be combined with "
+                          f"{', '.join(ATTENTION_KINDS)}, got {list(branches)}")
+    return list(branches)
+
+
+def _compute_lists(compute, steps: int, blocks: int, nb: int = 2) -> list:
+    """``compute`` as nested lists of Python bools, checked to be ``[steps][blocks][nb]``."""
     if isinstance(compute, torch.Tensor):
         if compute.dtype != torch.bool:
             _fail("compute", f"a tensor must have dtype torch.bool, got {compute.dtype}")
-        if tuple(compute.shape) != (steps, blocks, 2):
-            _fail("compute", f"must have shape [{steps}, {blocks}, 2], got {list(compute.shape)}")
+        if tuple(compute.shape) != (steps, blocks, nb):
+            _fail("compute", f"must have shape [{steps}, {blocks}, {nb}], got {list(compute.shape)}")
         return compute.tolist()
     if not isinstance(compute, (list, tuple)) or len(compute) != steps:
         _fail("compute", f"must be a list of {steps} steps, got {type(compute).__name__} "
@@ -85,12 +116,12 @@ def _compute_lists(compute, steps: int, blocks: int) -> list:
             _fail(f"compute[{i}]", f"must be a list of {blocks} blocks, got {row!r:.60}")
         out_row = []
         for b, pair in enumerate(row):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                _fail(f"compute[{i}][{b}]", f"must be a list [attention, mlp] of 2 bools, got {pair!r}")
+            if not isinstance(pair, (list, tuple)) or len(pair) != nb:
+                _fail(f"compute[{i}][{b}]", f"must be a list of {nb} bools (one per branch), got {pair!r}")
             for k, v in enumerate(pair):
                 if not isinstance(v, bool):
                     _fail(f"compute[{i}][{b}][{k}]", f"must be true or false, got {v!r}")
-            out_row.append([pair[0], pair[1]])
+            out_row.append(list(pair))
         out.append(out_row)
     return out
 
@@ -121,13 +152,16 @@ class CachePlan:
         steps: number of sampling steps (>= 1).
         blocks: number of transformer blocks (>= 1).
         granularity: ``"step"``, ``"block"`` or ``"branch"`` (the cache unit).
-        compute: ``[steps][blocks][2]`` bools, ``True`` = compute (attention, MLP); a bool
+        compute: ``[steps][blocks][len(branches)]`` bools, ``True`` = compute; a bool
             tensor of that shape is accepted and converted to lists.
         gamma: per-step coefficient of the first difference ``D1`` at reuse steps
             (0.0 = no correction); None means all zeros.
         gamma2: per-step coefficient of the second difference ``D2``; None = all zeros.
         meta: free-form JSON-serialisable dict (policy name, config, sampler...).
-        version: file format version (1).
+        version: file format version (2; a version-1 plan, without ``branches``, is read
+            as ``branches = ["attn", "mlp"]`` and becomes version 2).
+        branches: the branch names of ``compute``'s last axis (default ``["attn", "mlp"]``;
+            see the module docstring for named branches).
     """
 
     steps: int
@@ -138,15 +172,22 @@ class CachePlan:
     gamma2: list | None = None
     meta: dict = dataclasses.field(default_factory=dict)
     version: int = PLAN_VERSION
+    branches: list | None = None
 
     def __post_init__(self):
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version != PLAN_VERSION:
-            _fail("version", f"must be {PLAN_VERSION}, got {self.version!r}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version not in (1, 2):
+            _fail("version", f"must be 1 or {PLAN_VERSION}, got {self.version!r}")
+        if self.version == 1 and self.branches is not None and list(self.branches) != list(DEFAULT_BRANCHES):
+            _fail("branches", f"version 1 plans have the branches {list(DEFAULT_BRANCHES)}, got {self.branches!r:.60}")
+        self.version = PLAN_VERSION
+        self.branches = _branch_names(self.branches)
         _positive_int("steps", self.steps)
         _positive_int("blocks", self.blocks)
         if self.granularity not in GRANULARITIES:
             _fail("granularity", f"must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        self.compute = _compute_lists(self.compute, self.steps, self.blocks)
+        if self.granularity != "branch" and self.branches != list(DEFAULT_BRANCHES):
+            _fail("branches", f"named branches need granularity 'branch', got {self.granularity!r}")
+        self.compute = _compute_lists(self.compute, self.steps, self.blocks, len(self.branches))
         self.gamma = _coefficients("gamma", self.gamma, self.steps)
         self.gamma2 = _coefficients("gamma2", self.gamma2, self.steps)
         if not isinstance(self.meta, dict):
@@ -158,19 +199,20 @@ class CachePlan:
         self._check_consistency()
 
     def _check_consistency(self):
-        seen = [[False, False] for _ in range(self.blocks)]  # unit computed at least once so far
+        nb = len(self.branches)
+        seen = [[False] * nb for _ in range(self.blocks)]  # unit computed at least once so far
         for i, row in enumerate(self.compute):
-            for b, (attn, mlp) in enumerate(row):
-                if self.granularity == "step" and not attn == mlp == row[0][0]:
+            for b, flags in enumerate(row):
+                if self.granularity == "step" and not all(v == row[0][0] for v in flags):
                     _fail(f"compute[{i}][{b}]", f"granularity 'step' needs every block and branch of a step "
-                                                f"equal to compute[{i}][0][0] = {row[0][0]}, got {[attn, mlp]}")
-                if self.granularity == "block" and attn != mlp:
-                    _fail(f"compute[{i}][{b}]", f"granularity 'block' needs both branches equal, got {[attn, mlp]}")
-                for k, v in enumerate((attn, mlp)):
+                                                f"equal to compute[{i}][0][0] = {row[0][0]}, got {flags}")
+                if self.granularity == "block" and len(set(flags)) > 1:
+                    _fail(f"compute[{i}][{b}]", f"granularity 'block' needs both branches equal, got {flags}")
+                for k, v in enumerate(flags):
                     if not v and not seen[b][k]:
                         _fail(f"compute[{i}][{b}][{k}]", "reuses a cache that no earlier step computed")
                     seen[b][k] = seen[b][k] or v
-            if not all(row[b][k] for b in range(self.blocks) for k in range(2)):
+            if not all(all(flags) for flags in row):
                 continue
             if self.gamma[i] != 0.0 or self.gamma2[i] != 0.0:
                 _fail(f"gamma[{i}]", "must be 0 at a step that computes every block (nothing is reused)")
@@ -182,6 +224,35 @@ class CachePlan:
         compute = [[[True, True] for _ in range(blocks)] for _ in range(steps)]
         return cls(steps, blocks, granularity, compute, meta=dict(meta or {"policy": "NoCache"}))
 
+    def for_branches(self, names=DEFAULT_BRANCHES) -> CachePlan:
+        """This plan on a model whose blocks have the branches ``names``: each of them
+        computes where any of this plan's branches it stands for computes (``attn``: every
+        attention kind; ``self_attn``: itself or ``attn``; ...), and always where this plan
+        names none of them (never less compute than planned). γ is kept where every branch
+        maps to at most one of this plan's, else dropped (plain reuse). Our DiT's blocks
+        have ``("attn", "mlp")`` (its attention is self-attention: a ``cross_attn`` or
+        ``temporal_attn`` entry has nothing to act on there)."""
+        names = _branch_names(list(names))
+        if names == self.branches:
+            return self
+        if self.granularity != "branch":
+            raise ValueError(f"CachePlan.for_branches: a {self.granularity!r} plan has no named branches")
+
+        def sources(name):
+            if name == "attn":  # the model's one attention: its self-attention, or all kinds at once
+                return [k for k, n in enumerate(self.branches) if n in ("attn", "self_attn")]
+            if name in ATTENTION_KINDS:
+                return [k for k, n in enumerate(self.branches) if n in (name, "attn")]
+            return [k for k, n in enumerate(self.branches) if n == name]
+
+        src = [sources(n) for n in names]
+        compute = [[[any(flags[k] for k in ks) if ks else True for ks in src] for flags in row]
+                   for row in self.compute]
+        keep = all(len(ks) <= 1 for ks in src)
+        return CachePlan(self.steps, self.blocks, "branch", compute,
+                         gamma=self.gamma if keep else None, gamma2=self.gamma2 if keep else None,
+                         meta=dict(self.meta, projected_from=self.branches), branches=names)
+
     def to_block(self) -> CachePlan:
         """This plan at ``block`` granularity, for engines whose blocks expose no separate
         attention/MLP branches (diffusers): a block computes where either branch computes
@@ -189,12 +260,12 @@ class CachePlan:
         on branch caches, so they are dropped (plain reuse)."""
         if self.granularity != "branch":
             return self
-        compute = [[[a or m, a or m] for a, m in row] for row in self.compute]
+        compute = [[[any(flags)] * 2 for flags in row] for row in self.compute]
         return CachePlan(self.steps, self.blocks, "block", compute,
                          meta=dict(self.meta, projected_from="branch"))
 
     def compute_tensor(self) -> torch.Tensor:
-        """``compute`` as a bool tensor ``[steps, blocks, 2]``."""
+        """``compute`` as a bool tensor ``[steps, blocks, len(branches)]``."""
         return torch.tensor(self.compute, dtype=torch.bool)
 
     def compute_fraction(self, flops: dict) -> float:
@@ -203,7 +274,10 @@ class CachePlan:
         Per step: ``embed + final`` always; per block, ``block_attn`` / ``block_mlp`` when the
         branch computes; ``block_modulation`` when either branch computes, and always at
         ``branch`` granularity (the current gate is needed to apply a cached branch).
+        Named branches are first projected onto our DiT's (:meth:`for_branches`).
         """
+        if self.branches != list(DEFAULT_BRANCHES):
+            return self.for_branches().compute_fraction(flops)
         spent = 0.0
         for row in self.compute:
             spent += flops["embed"] + flops["final"]
@@ -266,6 +340,11 @@ class CachePlan:
     def from_dict(cls, d) -> CachePlan:
         if not isinstance(d, dict):
             raise ValueError(f"CachePlan: the top level must be a JSON object, got {type(d).__name__}")
+        version = d.get("version")
+        if version == 1 and type(version) is int:  # version 1 had no branches: ["attn", "mlp"]
+            if "branches" in d:
+                _fail("branches", "unknown field in a version-1 plan")
+            d = dict(d, branches=None)
         for name in _FIELDS:
             if name not in d:
                 _fail(name, "missing")

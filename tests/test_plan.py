@@ -42,7 +42,11 @@ def test_tensor_compute_and_full():
 
 
 @pytest.mark.parametrize("overrides, field", [
-    ({"version": 2}, "CachePlan.version"),
+    ({"version": 3}, "CachePlan.version"),
+    ({"branches": ["attn", "oops"]}, "CachePlan.branches[1]"),
+    ({"branches": ["attn", "self_attn"]}, "CachePlan.branches"),
+    ({"branches": ["mlp", "mlp"]}, "CachePlan.branches"),
+    ({"branches": ["self_attn", "cross_attn", "mlp"], "granularity": "branch"}, "CachePlan.compute[0][0]"),
     ({"granularity": "layer"}, "CachePlan.granularity"),
     ({"steps": 0}, "CachePlan.steps"),
     ({"blocks": 1.5}, "CachePlan.blocks"),
@@ -53,8 +57,46 @@ def test_tensor_compute_and_full():
     ({"extra": 1}, "CachePlan.extra"),
 ])
 def test_bad_field_named(tmp_path, overrides, field):
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
         CachePlan.load(write(tmp_path, plan_dict(**overrides)))
+
+
+def test_version_1_files_still_load(tmp_path):
+    """Version-1 plans (no ``branches``: attention and MLP) load as version 2 with the default
+    branches; a version-1 file that names branches is refused."""
+    d = plan_dict()
+    assert d["version"] == 2 and d["branches"] == ["attn", "mlp"]
+    old = {k: v for k, v in d.items() if k != "branches"}
+    old["version"] = 1
+    plan = CachePlan.load(write(tmp_path, old))
+    assert plan.version == 2 and plan.branches == ["attn", "mlp"] and plan.compute == d["compute"]
+    with pytest.raises(ValueError, match=r"CachePlan\.branches"):
+        CachePlan.load(write(tmp_path, dict(old, branches=["attn", "mlp"])))
+    with pytest.raises(ValueError, match=r"CachePlan\.branches: missing"):
+        CachePlan.load(write(tmp_path, {k: v for k, v in d.items() if k != "branches"}))
+
+
+def test_named_branches_round_trip_and_projection(tmp_path):
+    """A plan over named branches (PAB's units) saves and loads, and projects onto the
+    branches a model has: our DiT's ``attn`` follows ``self_attn``; a model without
+    cross-attention ignores ``cross_attn``; ``attn`` of a block with several attention kinds
+    computes where any of them does."""
+    names = ["self_attn", "cross_attn", "temporal_attn", "mlp"]
+    row_full = [[True] * 4] * 2
+    row_mix = [[False, True, True, True], [True, False, True, False]]
+    plan = CachePlan(3, 2, "branch", [row_full, row_mix, row_mix], branches=names, meta={"policy": "PAB"})
+    plan.save(tmp_path / "named.json")
+    again = CachePlan.load(tmp_path / "named.json")
+    assert again == plan and again.branches == names
+    ours = plan.for_branches(("attn", "mlp"))
+    assert ours.branches == ["attn", "mlp"]
+    assert ours.compute[1] == [[False, True], [True, False]]  # attn <- self_attn, mlp <- mlp
+    merged = plan.for_branches(("self_attn", "mlp"))
+    assert merged.compute[2] == [[False, True], [True, False]]
+    fused = CachePlan(3, 2, "branch", [row_full, row_mix, row_mix], branches=names).to_block()
+    assert fused.compute[1] == [[True, True], [True, True]]  # a block computes where any branch does
+    with pytest.raises(ValueError, match=r"CachePlan\.branches: named branches need granularity 'branch'"):
+        CachePlan(3, 2, "block", [row_full] * 3, branches=names)
 
 
 def test_ragged_and_non_bool_compute(tmp_path):
@@ -147,7 +189,7 @@ def test_gamma_outside_float32_range_named(tmp_path, field, value):
 
 def test_version_must_be_the_int(tmp_path):
     path = write(tmp_path, plan_dict(version=1.0))
-    with pytest.raises(ValueError, match=r"plan\.json: CachePlan\.version: must be 1, got 1\.0"):
+    with pytest.raises(ValueError, match=r"plan\.json: CachePlan\.version: must be 1 or 2, got 1\.0"):
         CachePlan.load(path)
 
 

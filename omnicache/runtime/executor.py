@@ -54,7 +54,7 @@ import torch
 from ..cache import (COMPUTE, REUSE, STORE, CacheUnit, DeviceDecisions, RunSummary, plan_order, relative_change,
                      select_rows, unit_actions)
 from ..filters import filter_delta
-from ..plan import CachePlan
+from ..plan import DEFAULT_BRANCHES, CachePlan
 from .samplers import cfg_batch, cfg_combine, cfg_labels, make_sampler
 
 __all__ = ["CacheExecutor", "RunSummary"]
@@ -113,6 +113,8 @@ class CacheExecutor:
         self._device, self._device_wall = None, None  # mode="device": the decision's device state
         if self.plan is not None:
             self.policy_name = self.plan.meta.get("policy", self.policy_name)
+            # named branches (PAB, T-GATE): our DiT's blocks have one self-attention and an MLP
+            self.plan = self.plan.for_branches(DEFAULT_BRANCHES) if self.plan.granularity == "branch" else self.plan
             self._prepare_static()
         else:
             self._prepare_dynamic()
