@@ -26,7 +26,7 @@ def context_flops(rt, ctx):
         if eager:
             s = sum(counts[:-1])
         elif ctx.branch_trace:  # traced call of a branch plan: the branches that ran, and the rest
-            s = sum(p[2] + a * p[0] + m * p[1] for p, (a, m) in zip(part, ctx.branch_trace[n]))
+            s = sum(p[-1] + sum(r * c for r, c in zip(ran, p)) for p, ran in zip(part, ctx.branch_trace[n]))
         else:
             s = sum(w * c for w, c in zip(cost, computed))
         outside = counts[-1] if eager or rt.outside_cost is None else rt.outside_cost
@@ -37,7 +37,7 @@ def context_flops(rt, ctx):
 
 def plan_fraction(rt) -> float | None:
     """The static plan's compute fraction from the linear FLOPs measured per block and branch
-    (attention, MLP, rest; outside the blocks): what the plan should spend ÷ uncached, for
+    (each branch, the rest; outside the blocks): what the plan should spend ÷ uncached, for
     comparing with the summary's counted ``compute_fraction``. None before a counted call
     measured every part (or for dynamic policies)."""
     if rt.kind != "static" or rt.outside_cost is None or \
@@ -49,9 +49,9 @@ def plan_fraction(rt) -> float | None:
         uncached += rt.outside_cost + sum(map(sum, rt.part_cost))
         for b, p in enumerate(rt.part_cost):
             if rt.granularity == "branch":
-                ran = (acts[2 * b] != REUSE, acts[2 * b + 1] != REUSE, True)
+                ran = [acts[rt.nb * b + k] != REUSE for k in range(rt.nb)] + [True]
             else:
-                ran = (acts[rt.unit_of[b]] != REUSE,) * 3
+                ran = (acts[rt.unit_of[b]] != REUSE,) * (rt.nb + 1)
             spent += sum(c for c, r in zip(p, ran) if r)
     return spent / uncached if uncached else None
 

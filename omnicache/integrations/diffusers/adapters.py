@@ -34,6 +34,11 @@ class BlockIO:
     on DiT) is skipped. Empty (the default): the block has no branches and branch plans run
     projected to ``block`` (:meth:`CachePlan.to_block`).
 
+    ``named``: the submodules of each named branch (:data:`omnicache.plan.BRANCH_NAMES`:
+    ``self_attn``, ``cross_attn``, ``mlp``) for plans over named branches (PAB, T-GATE); a
+    block in one of its model's ``temporal`` lists reports its ``self_attn`` as
+    ``temporal_attn``. Empty: ``self_attn`` is the attention branch, ``mlp`` the MLP branch.
+
     ``batched``: the ``forward`` arguments whose first dimension is the batch (per-sample
     decisions run a sub-batch of them through the block); arguments not named (rotary
     embeddings, ``*_kwargs``) are passed unchanged. ``None`` (the default): undeclared, and
@@ -43,6 +48,7 @@ class BlockIO:
     attn: tuple[str, ...] = ()
     mlp: tuple[str, ...] = ()
     batched: tuple[str, ...] | None = None
+    named: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def cached(self) -> tuple[str, ...]:
@@ -63,12 +69,15 @@ class ModelSpec:
     ``interleave``: ``forward`` alternates between the lists (block ``i`` of each in turn)
     instead of running them one after the other; ``stack``: one residual may span several
     blocks (False where ``forward`` reshapes between blocks, so ``step`` plans run per block);
-    ``norm1``: the attribute of the first block whose output TeaCache measures."""
+    ``norm1``: the attribute of the first block whose output TeaCache measures;
+    ``temporal``: the block lists whose self-attention attends across frames (named branch
+    ``temporal_attn``)."""
 
     blocks: tuple[str, ...]
     interleave: bool = False
     stack: bool = True
     norm1: str = "norm1"
+    temporal: tuple[str, ...] = ()
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -81,7 +90,7 @@ MODELS: dict[str, ModelSpec] = {
     # spatial block i, then temporal block i; forward permutes (batch*frames, tokens) <-> (batch*tokens, frames)
     # around each temporal block, so a residual may not span two blocks
     "LatteTransformer3DModel": ModelSpec(("transformer_blocks", "temporal_transformer_blocks"),
-                                         interleave=True, stack=False),
+                                         interleave=True, stack=False, temporal=("temporal_transformer_blocks",)),
     # the token refiner inside context_embedder runs before these and is not cached
     "HunyuanVideoTransformer3DModel": ModelSpec(("transformer_blocks", "single_transformer_blocks")),
     "LTXVideoTransformer3DModel": ModelSpec(("transformer_blocks",)),
@@ -100,7 +109,8 @@ _T = "temb"
 BLOCKS: dict[str, BlockIO] = {
     "BasicTransformerBlock": BlockIO((H,), attn=("attn1", "attn2"), mlp=("ff",),
                                      batched=(H, "attention_mask", E, "encoder_attention_mask", "timestep",
-                                              "class_labels")),
+                                              "class_labels"),
+                                     named=(("self_attn", ("attn1",)), ("cross_attn", ("attn2",)), ("mlp", ("ff",)))),
     "WanTransformerBlock": BlockIO((H,), attn=("attn1", "attn2"), mlp=("ffn",), batched=(H, E, _T)),
     "FluxTransformerBlock": BlockIO((E, H), attn=("attn",), mlp=("ff", "ff_context"), batched=(H, E, _T)),
     "FluxSingleTransformerBlock": BlockIO((E, H), attn=("attn",), mlp=("proj_mlp",), batched=(H, E, _T)),
@@ -126,8 +136,8 @@ class BoundBlock:
     """One block of a model with its I/O spec: reads its streams from a call's arguments
     and packs new values into what the block returns."""
 
-    def __init__(self, module: torch.nn.Module, io: BlockIO):
-        self.module, self.io = module, io
+    def __init__(self, module: torch.nn.Module, io: BlockIO, temporal: bool = False):
+        self.module, self.io, self.temporal = module, io, temporal
         params = list(inspect.signature(type(module).forward).parameters)[1:]  # skip self
         self.pos = {n: params.index(n) if n in params else None for n in (H, E, *(io.batched or ()))}
 
@@ -155,12 +165,28 @@ class BoundBlock:
             return values[self.io.returns[0]]
         return tuple(values.get(n) for n in self.io.returns)
 
-    def branches(self) -> list:
-        """``[(kind, j, submodule)]``: kind 0 = attention, 1 = MLP; ``j`` the submodule's index
-        within its branch (missing or ``None`` attributes skipped)."""
+    def branch_attrs(self, name: str) -> tuple:
+        """The submodule attributes of branch ``name`` (:data:`omnicache.plan.BRANCH_NAMES`)."""
+        if name == "attn":
+            return self.io.attn
+        if name == "mlp" and not self.io.named:
+            return self.io.mlp
+        named = dict(self.io.named)
+        if not named:  # undeclared: the attention branch is the self-attention
+            named = {"self_attn": self.io.attn}
+        if name == "temporal_attn":
+            return named.get("self_attn", ()) if self.temporal else ()
+        if name == "self_attn" and self.temporal:
+            return ()
+        return named.get(name, ())
+
+    def branches(self, names=("attn", "mlp")) -> list:
+        """``[(kind, j, submodule)]``: ``kind`` the index of the branch in ``names`` (by
+        default 0 = attention, 1 = MLP); ``j`` the submodule's index within its branch
+        (missing or ``None`` attributes skipped)."""
         out = []
-        for kind, names in enumerate((self.io.attn, self.io.mlp)):
-            for j, name in enumerate(names):
+        for kind, attrs in enumerate(self.branch_attrs(n) for n in names):
+            for j, name in enumerate(attrs):
                 sub = getattr(self.module, name, None)
                 if isinstance(sub, torch.nn.Module):
                     out.append((kind, j, sub))
@@ -194,16 +220,16 @@ def model_blocks(transformer) -> list[BoundBlock]:
     if spec is None:
         raise TypeError(f"omnicache.integrations.diffusers does not support {cls}; "
                         f"supported: {', '.join(MODELS)}")
-    lists = [list(getattr(transformer, name)) for name in spec.blocks]
+    lists = [[(blk, name in spec.temporal) for blk in getattr(transformer, name)] for name in spec.blocks]
     if spec.interleave:
         modules = [blk for group in zip(*lists) for blk in group]
     else:
         modules = [blk for group in lists for blk in group]
     out = []
-    for blk in modules:
+    for blk, temporal in modules:
         bname = type(blk).__name__
         if bname not in BLOCKS:
             raise TypeError(f"omnicache: block class {bname} of {cls} is not supported "
                             f"(supported blocks: {', '.join(BLOCKS)})")
-        out.append(BoundBlock(blk, BLOCKS[bname]))
+        out.append(BoundBlock(blk, BLOCKS[bname], temporal))
     return out

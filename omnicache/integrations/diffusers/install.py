@@ -106,7 +106,7 @@ class _Installer:
 
 def _linear_hook(rt, index, part, module, args, output):
     """Count ``2 · in · out`` FLOPs per row an ``nn.Linear`` processes (eager calls only), by
-    block ``index`` and ``part`` (0 attention branch, 1 MLP branch, 2 the rest)."""
+    block ``index`` and ``part`` (the branch's index, -1 the rest)."""
     if torch.compiler.is_compiling():
         return
     x = args[0]
@@ -175,7 +175,8 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
     for k, blk in enumerate(rt.blocks):
         blk.forward = functools.partial(rt.block_forward, k, blk.forward)
     # branch plans: each branch submodule's forward (its pre-gate output is cached)
-    branch_subs = [(k, kind, j, sub) for k, bb in enumerate(rt.bound) for kind, j, sub in bb.branches()]
+    branch_subs = [(k, kind, j, sub) for k, bb in enumerate(rt.bound)
+                   for kind, j, sub in bb.branches(rt.branch_names)]
     inst.saved_branches = []
     if rt.granularity == "branch":
         for k, kind, j, sub in branch_subs:
@@ -187,9 +188,9 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
         if norm1 is None:
             raise TypeError(f"{type(config).__name__} needs block 0's {MODELS[cls].norm1} on {cls}")
         inst.handles.append(norm1.register_forward_hook(rt.capture_norm1))
-    index = {id(m): (b, 2) for b, blk in enumerate(rt.blocks) for m in blk.modules()}
+    index = {id(m): (b, -1) for b, blk in enumerate(rt.blocks) for m in blk.modules()}
     index.update({id(m): (k, kind) for k, kind, _, sub in branch_subs for m in sub.modules()})
-    inst.linears = [(m, functools.partial(_linear_hook, rt, *index.get(id(m), (-1, 2))))
+    inst.linears = [(m, functools.partial(_linear_hook, rt, *index.get(id(m), (-1, -1))))
                     for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
     inst.linear_handles = []
     inst.linear_hooks(True)

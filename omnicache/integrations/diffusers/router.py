@@ -68,7 +68,7 @@ class RouterEngine(DiffusersEngine):
         self.bound = rt.bound
         if rt.outside_cost is None or any(c is None for p in rt.part_cost for c in p):
             raise RuntimeError("train_router: the recording run did not measure every block's branch FLOPs")
-        rest = sum(p[2] for p in rt.part_cost)
+        rest = sum(p[-1] for p in rt.part_cost)
         self.flops = {"fixed": float(rt.outside_cost + rest), "block_attn": [float(p[0]) for p in rt.part_cost],
                       "block_mlp": [float(p[1]) for p in rt.part_cost],
                       "total": float(rt.outside_cost + sum(map(sum, rt.part_cost)))}

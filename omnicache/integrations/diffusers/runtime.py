@@ -47,7 +47,7 @@ import dataclasses
 import torch
 
 from ...cache import REUSE, STORE, CacheUnit, RunSummary, plan_order, unit_actions
-from ...plan import CachePlan
+from ...plan import DEFAULT_BRANCHES, CachePlan
 from ..distributed import context_parallel_group
 from . import accounting
 from .adapters import MODELS, model_blocks
@@ -116,6 +116,10 @@ class Runtime(HostMode, DeviceMode):
             raise ValueError(f"omnicache.integrations.diffusers supports granularity "
                              f"{', '.join(map(repr, allowed))} on {type(transformer).__name__}, got {granularity!r}")
         self.granularity = granularity if self.kind == "static" else "step"
+        # the branch names of the plan's units (named branches: PAB, T-GATE; omnicache.plan)
+        names = config.branches if isinstance(config, CachePlan) else getattr(config, "branches", DEFAULT_BRANCHES)
+        self.branch_names = tuple(names) if self.granularity == "branch" else DEFAULT_BRANCHES
+        self.nb = len(self.branch_names)
         if self.per_sample:
             undeclared = sorted({type(b.module).__name__ for b in self.bound if b.io.batched is None})
             if undeclared:
@@ -151,13 +155,13 @@ class Runtime(HostMode, DeviceMode):
             self.units = [(self.head, end)]
         elif self.granularity == "step" and spec.stack:
             self.units = [(0, self.n)]
-        elif self.granularity == "branch":  # unit 2b + k: branch k (0 attention, 1 MLP) of block b
-            self.units = [(b, b + 1) for b in range(self.n) for _ in (0, 1)]
+        elif self.granularity == "branch":  # unit nb*b + k: branch k (branch_names[k]) of block b
+            self.units = [(b, b + 1) for b in range(self.n) for _ in self.branch_names]
         else:  # per block (also ``step`` plans on models that reshape between blocks)
             self.units = [(b, b + 1) for b in range(self.n)]
         self.unit_of = [0] * self.n if len(self.units) == 1 else list(range(self.n))
         if self.granularity == "branch":
-            self.unit_of = [2 * b for b in range(self.n)]
+            self.unit_of = [self.nb * b for b in range(self.n)]
         self.inp = [None] * len(self.units)
         self.stats_out = [None] * len(self.units)
         # linear FLOPs: per block index (-1: outside the blocks), counted in eager calls
@@ -167,8 +171,9 @@ class Runtime(HostMode, DeviceMode):
         # calibration (.calibrate): at a reuse step, run the unit anyway and let ``fitting``
         # choose the forecast from the true output (closed-loop γ); None in normal use
         self.fitting = None
-        # per block: [attention, MLP, rest] linear FLOPs (what a branch costs), and outside the blocks
-        self.part_cost = [[None, None, None] for _ in range(self.n)]
+        # per block: [branch 0, ..., branch nb-1, rest] linear FLOPs (what a branch costs: by default
+        # attention, MLP), and outside the blocks
+        self.part_cost = [[None] * (self.nb + 1) for _ in range(self.n)]
         self.outside_cost = None
         self.call_parts = None
         self.branch_shape = {}  # (block, kind, j) -> None (a tensor) or the tuple length of its output
@@ -194,6 +199,9 @@ class Runtime(HostMode, DeviceMode):
             raise ValueError(f"CachePlan.steps: plan has {plan.steps} steps but sampling runs {steps}")
         if plan.granularity == "branch" and self.granularity == "block":
             plan = plan.to_block()
+        if plan.granularity == "branch" and tuple(plan.branches) != self.branch_names:
+            raise ValueError(f"CachePlan.branches: the plan has {plan.branches}, the runtime was set up for "
+                             f"{list(self.branch_names)}")
         if plan.blocks != self.n:
             raise ValueError(f"CachePlan.blocks: plan has {plan.blocks} blocks but "
                              f"{type(self.transformer).__name__} has {self.n}")
@@ -208,7 +216,7 @@ class Runtime(HostMode, DeviceMode):
         self.plan = plan
         self.order = plan_order(plan)
         if self.granularity == "branch":
-            comp = [[row[b][k] for b in range(self.n) for k in (0, 1)] for row in plan.compute]
+            comp = [[row[b][k] for b in range(self.n) for k in range(self.nb)] for row in plan.compute]
         else:
             comp = [[row[lo][0] for lo, _ in self.units] for row in plan.compute]
         self.actions = [tuple(row) for row in unit_actions(comp, self.order)]
@@ -276,15 +284,15 @@ class Runtime(HostMode, DeviceMode):
         self.installer.linear_hooks(known is None)
         if known is None:
             self.call_flops = [0] * (self.n + 1)
-            self.call_parts = [[0, 0, 0] for _ in range(self.n)]
+            self.call_parts = [[0] * (self.nb + 1) for _ in range(self.n)]
 
     def _counts_from_costs(self) -> bool:
         return (self.kind == "dynamic" and not self.per_sample and not self.device_mode
                 and self.fitting is None)
 
-    def count_linear(self, index, flops, part=2, module=None):
+    def count_linear(self, index, flops, part=-1, module=None):
         """``flops`` of one ``nn.Linear`` call in block ``index`` (-1: outside the blocks), in its
-        ``part`` (0 attention branch, 1 MLP branch, 2 the rest of the block)."""
+        ``part`` (the branch's index, -1 the rest of the block)."""
         if module is not None and module is self.skip_count:  # a cached Linear branch: nothing ran
             self.skip_count = None
             return
@@ -300,21 +308,22 @@ class Runtime(HostMode, DeviceMode):
             ctx.trace, ctx.stats, ctx.flops, ctx.branch_trace = [], [], [], []
         stats = self.stats_out[:]
         self.stats_out[:] = [None] * len(self.units)
-        parts = [[True] * 3] * self.n  # per block: [attention, MLP, rest] ran on every row
+        nb = self.nb
+        parts = [[True] * (nb + 1)] * self.n  # per block: [branches..., rest] ran on every row
         if self.kind == "static":
             acts = self.step_actions
             if self.granularity == "branch":  # the block's own code (modulation, gates) always runs
-                parts = [[acts[2 * b] != REUSE, acts[2 * b + 1] != REUSE, True] for b in range(self.n)]
-                ctx.branch_trace.append([p[:2] for p in parts])
-                computed = [p[0] or p[1] for p in parts]
+                parts = [[acts[nb * b + k] != REUSE for k in range(nb)] + [True] for b in range(self.n)]
+                ctx.branch_trace.append([p[:nb] for p in parts])
+                computed = [any(p[:nb]) for p in parts]
             else:
                 computed = [acts[self.unit_of[b]] != REUSE for b in range(self.n)]
-                parts = [[c] * 3 for c in computed]
+                parts = [[c] * (nb + 1) for c in computed]
             ctx.stats.append({"residual": stats, "gamma": self.plan.gamma[ctx.step]})
             for u, a in enumerate(acts):
                 ctx.stored[u] |= a == STORE
         elif self.device_mode:  # placeholders until the summary reads the device history
-            computed, parts = [True] * self.n, [[True] * 3] * self.n
+            computed, parts = [True] * self.n, [[True] * (nb + 1)] * self.n
             ctx.stats.append({"residual": stats})
         else:
             if ctx.decisions is not None:  # per-sample: the fraction of samples that ran the rest
@@ -324,7 +333,7 @@ class Runtime(HostMode, DeviceMode):
             else:
                 computed = [b < self.head or b >= self.n - self.tail or ctx.compute for b in range(self.n)]
                 compute = ctx.compute
-            parts = [[c == 1] * 3 for c in computed]
+            parts = [[c == 1] * (nb + 1) for c in computed]
             ctx.stats.append({"signal_rel_l1": self.last_rel, "compute": compute,
                               **ctx.decider.record(), "residual": stats})
         ctx.trace.append(computed)
@@ -338,7 +347,7 @@ class Runtime(HostMode, DeviceMode):
             if counts[b] > 0 and self.call_flops is not None:
                 if all(parts[b]):
                     self.block_cost[b] = counts[b]
-                for k in range(3):  # each part that ran on every row: its cost
+                for k in range(nb + 1):  # each part that ran on every row: its cost
                     if parts[b][k]:
                         self.part_cost[b][k] = self.call_parts[b][k]
         if self.call_flops is not None and any(counts[:-1]):
@@ -442,7 +451,7 @@ class Runtime(HostMode, DeviceMode):
         """A branch submodule's ``forward`` (branch ``kind`` of block ``k``, its ``j``-th
         submodule): at a reuse step its cached pre-gate output (``F + γ1 D1 + γ2 D2``, the
         block applies the current gate); at a store step it runs and its output is stored."""
-        u = 2 * k + kind
+        u = self.nb * k + kind
         act = self.step_actions[u]
         key = (k, kind, j)
         if act == REUSE:
