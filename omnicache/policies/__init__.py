@@ -22,6 +22,7 @@ from .l2c import L2CConfig
 from .magcache import MagCacheConfig, fit_magcache_ratios
 from .nocache import NoCacheConfig
 from .omnicache import OmniCacheConfig
+from .pab import PABConfig, TGATEConfig
 from .taylorseer import TaylorSeerConfig, forecast_coefficients
 from .teacache import TeaCacheConfig, fit_teacache_coefficients
 
@@ -36,6 +37,8 @@ __all__ = [
     "OmniCacheConfig",
     "L2CConfig",
     "MagCacheConfig",
+    "PABConfig",
+    "TGATEConfig",
     "fit_teacache_coefficients",
     "fit_magcache_ratios",
     "forecast_coefficients",
