@@ -100,8 +100,8 @@ def test_deterministic_with_fixed_generator(pipe):
 
 
 def test_bad_arguments_name_the_argument(pipe, tmp_path):
-    with pytest.raises(ValueError, match=r"name must be one of 'flux'.*'latte'"):
-        load_digits_pipeline("latte")
+    with pytest.raises(ValueError, match=r"name must be one of 'flux', 'latte', got 'sd3'"):
+        load_digits_pipeline("sd3")
     with pytest.raises(ValueError, match="name"):
         load_digits_pipeline(3)
     for bad in ([10], [-1], [], [1.0], [True], torch.tensor([0.5]), torch.zeros(2, 2, dtype=torch.long), 7):
@@ -158,5 +158,5 @@ def test_train_command_writes_what_the_loader_reads(tmp_path, capsys):
     assert digits_images(p, p(**digits_inputs(p, [1]), num_inference_steps=2)).shape == (1, 1, 8, 8)
     assert p.omnicache_arena.record["training"]["args"]["steps"] == 2
     with pytest.raises(SystemExit):
-        train.main(["latte", "--out", str(out)])
-    assert "name must be one of flux" in capsys.readouterr().err
+        train.main(["sd3", "--out", str(out)])
+    assert "name must be one of flux, latte" in capsys.readouterr().err

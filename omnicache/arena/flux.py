@@ -50,16 +50,14 @@ import torch
 from ..io import check_state, read_safetensors
 
 __all__ = [
-    "ARENAS",
     "ArenaInfo",
-    "load_digits_pipeline",
-    "digits_inputs",
-    "digits_images",
+    "build_flux",
+    "flux_inputs",
+    "flux_images",
     "FLUX_TRANSFORMER_CONFIG",
     "FLUX_SCHEDULER_CONFIG",
 ]
 
-ARENAS = ("flux",)
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # the label table's last row: the unconditional ("negative") entry
 LATENT_SIZE = 8  # the digit is the latent: 1 x 8 x 8
@@ -106,11 +104,11 @@ class ArenaInfo:
 
     name: str
     prompt_embeds: torch.Tensor  # (num_classes + 1, L, joint_attention_dim), float32, CPU
-    pooled_prompt_embeds: torch.Tensor  # (num_classes + 1, pooled_projection_dim)
+    pooled_prompt_embeds: torch.Tensor | None  # (num_classes + 1, pooled_projection_dim); None: Latte
     num_classes: int
     null_label: int
     latent_size: int
-    true_cfg_scale: float  # the default guidance
+    true_cfg_scale: float  # the default guidance (Flux: true_cfg_scale; Latte: guidance_scale)
     record: dict  # arena.json
 
 
@@ -118,11 +116,6 @@ def arena_dir(name: str, data_dir=None):
     if data_dir is not None:
         return Path(data_dir)
     return importlib.resources.files("omnicache").joinpath("data", "arena", name)
-
-
-def _check_name(name):
-    if not isinstance(name, str) or name not in ARENAS:
-        raise ValueError(f"name must be one of {', '.join(repr(a) for a in ARENAS)}, got {name!r}")
 
 
 def _read_json(source, where):
@@ -135,7 +128,7 @@ def _read_json(source, where):
     return obj
 
 
-def _build_flux(name, data_dir, device, dtype):
+def build_flux(name, data_dir, device, dtype):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     folder = arena_dir(name, data_dir)
@@ -194,19 +187,6 @@ def _build_flux(name, data_dir, device, dtype):
     return pipe
 
 
-def load_digits_pipeline(name: str = "flux", device="cpu", dtype=torch.float32, data_dir=None):
-    """The trained digits arena ``name`` as an unmodified diffusers pipeline (no download).
-
-    ``"flux"``: a ``diffusers.FluxPipeline`` (its own ``FlowMatchEulerDiscreteScheduler``,
-    no VAE or text encoders) around a small ``FluxTransformer2DModel`` on ``device`` in
-    ``dtype`` (weights ship in float16 and are cast). The progress bar is off
-    (``pipe.set_progress_bar_config(disable=False)`` turns it on). ``data_dir`` reads the
-    files from another folder (tests, retraining). Use :func:`digits_inputs` for the call's
-    arguments and :func:`digits_images` for the images."""
-    _check_name(name)
-    return _build_flux(name, data_dir, device, dtype)
-
-
 def _arena(pipe):
     info = getattr(pipe, "omnicache_arena", None)
     if not isinstance(info, ArenaInfo):
@@ -237,7 +217,7 @@ def _labels(labels, num_classes):
     return torch.tensor(values, dtype=torch.long)
 
 
-def digits_inputs(pipe, labels, true_cfg_scale: float | None = None) -> dict:
+def flux_inputs(pipe, labels, true_cfg_scale: float | None = None) -> dict:
     """The keyword arguments of ``pipe(...)`` that ask for the digits ``labels`` (ints in
     0..9, one sample each): ``prompt_embeds``, ``pooled_prompt_embeds``, the null entry as
     ``negative_prompt_embeds``/``negative_pooled_prompt_embeds``, ``true_cfg_scale`` (the
@@ -274,7 +254,7 @@ def digits_inputs(pipe, labels, true_cfg_scale: float | None = None) -> dict:
     return kw
 
 
-def digits_images(pipe, out) -> torch.Tensor:
+def flux_images(pipe, out) -> torch.Tensor:
     """The images of ``pipe(**digits_inputs(...))``'s output (the pipeline output, its
     tuple, or the packed latents (B, 16, 4)): (B, 1, 8, 8) float32 in [0, 1]."""
     info = _arena(pipe)

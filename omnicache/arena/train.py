@@ -13,6 +13,16 @@ noise``, target ``noise - x0``; sigma is logit-normal, time-shifted with the pip
 mu for 16 tokens; 10% label dropout to the null entry (true CFG). AdamW with warmup and
 cosine decay; the EMA weights are saved (float16).
 
+    python -m omnicache.arena.train latte --steps 3000 --threads 2 --seed 0
+
+``latte``: a class-conditional ``diffusers.LatteTransformer3DModel`` (config
+``LATTE_TRANSFORMER_CONFIG``) and its label table (``prompt_embeds`` only: the class
+enters through cross-attention), trained on moving digits
+(:func:`omnicache.arena.latte.moving_digits`, fresh clips every step from the same train
+split) with v-prediction under the DDPM betas of the arena's ``DDIMScheduler``, as
+``LattePipeline`` samples; 10% label dropout (CFG). Its accuracy is per frame: the
+classifier reads each frame's 8x8 window of most ink.
+
 Then loads what it wrote with ``load_digits_pipeline`` and records, in ``arena.json``, the
 digit classifier's accuracy on uncached samples (classes in turn) at 28 and 50 steps.
 Every file is written atomically (temporary file in the same folder, fsync, rename).
@@ -38,6 +48,8 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from ..io import atomic_write_bytes
 from . import flux as arena_flux
+from . import latte as arena_latte
+from .pipelines import ARENAS, digits_images, digits_inputs, load_digits_pipeline
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "arena"
 
@@ -59,7 +71,8 @@ class LabelTable(torch.nn.Module):
     def __init__(self, num_labels, tokens, joint_dim, pooled_dim, generator):
         super().__init__()
         self.prompt_embeds = torch.nn.Parameter(torch.randn(num_labels, tokens, joint_dim, generator=generator))
-        self.pooled_prompt_embeds = torch.nn.Parameter(torch.randn(num_labels, pooled_dim, generator=generator))
+        if pooled_dim:  # Flux's pooled projection; Latte has none
+            self.pooled_prompt_embeds = torch.nn.Parameter(torch.randn(num_labels, pooled_dim, generator=generator))
 
 
 def flux_mu(seq_len):
@@ -117,24 +130,91 @@ def train_flux(args, generator):
         )[0]
         target = FluxPipeline._pack_latents(noise - x0, B, 1, side, side)
         loss = F.mse_loss(pred, target)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), modules.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        _optimise(args, step, opt, modules, ema, loss)
         losses.append(loss.item())
-        if step % args.log_every == 0 or step == args.steps - 1:
-            recent = losses[-args.log_every :]
-            print(f"step {step:5d}  loss {sum(recent) / len(recent):.4f}  {time.time() - start:7.0f} s", flush=True)
+        _log(args, step, losses, start)
     return ema, losses, time.time() - start
 
 
-def write_flux(out: Path, ema, record):
+def train_latte(args, generator):
+    """Latte on moving digits: v-prediction under the arena's DDPM betas (``t`` uniform in
+    0..999), the loss on the first output channel (the one ``LattePipeline`` keeps)."""
+    from diffusers import DDIMScheduler, LatteTransformer3DModel
+
+    from ..train_default import digits_split
+
+    x_train, y_train, _, _ = digits_split()
+    transformer = LatteTransformer3DModel(**arena_latte.LATTE_TRANSFORMER_CONFIG)
+    table = LabelTable(arena_flux.NUM_CLASSES + 1, arena_flux.TEXT_TOKENS, arena_latte.CAPTION_CHANNELS, 0, generator)
+    modules = torch.nn.ModuleDict({"transformer": transformer, "table": table})
+    ema = copy.deepcopy(modules).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    modules.train()
+    alphas = DDIMScheduler(**arena_latte.LATTE_SCHEDULER_CONFIG).alphas_cumprod.float()
+    print(f"train {len(y_train)} digits as moving clips ({arena_latte.FRAMES} frames, {arena_latte.CANVAS}^2 canvas);"
+          f" {sum(p.numel() for p in transformer.parameters())} transformer parameters;"
+          f" torch threads {torch.get_num_threads()}", flush=True)
+    losses, start = [], time.time()
+    for step in range(args.steps):
+        idx = torch.randint(0, len(y_train), (args.batch_size,), generator=generator)
+        x0 = arena_latte.moving_digits(x_train[idx], generator)
+        labels = y_train[idx].clone()
+        labels[torch.rand(len(idx), generator=generator) < args.label_dropout] = arena_flux.NULL_LABEL
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, len(alphas), (len(idx),), generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+        pred = transformer(hidden_states=xt, timestep=t, encoder_hidden_states=table.prompt_embeds[labels],
+                           return_dict=False)[0]
+        loss = F.mse_loss(pred[:, :1], target)
+        _optimise(args, step, opt, modules, ema, loss)
+        losses.append(loss.item())
+        _log(args, step, losses, start)
+    return ema, losses, time.time() - start
+
+
+def _optimise(args, step, opt, modules, ema, loss):
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+    opt.step()
+    decay = min(args.ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), modules.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def _log(args, step, losses, start):
+    if step % args.log_every == 0 or step == args.steps - 1:
+        recent = losses[-args.log_every :]
+        print(f"step {step:5d}  loss {sum(recent) / len(recent):.4f}  {time.time() - start:7.0f} s", flush=True)
+
+
+# the model class, its scheduler, and the record's description, per arena
+_ARENA_FILES = {
+    "flux": ("FluxTransformer2DModel", "FlowMatchEulerDiscreteScheduler", arena_flux.FLUX_SCHEDULER_CONFIG,
+             "class-conditional FluxTransformer2DModel on scikit-learn digits (the 1x8x8 digit in [-1, 1] is the "
+             "latent; no VAE); FluxPipeline with true CFG against the null label entry",
+             "rectified flow, x = (1 - s) x0 + s noise, target noise - x0, s = time_shift(logit-normal)"),
+    "latte": ("LatteTransformer3DModel", "DDIMScheduler", arena_latte.LATTE_SCHEDULER_CONFIG,
+              "class-conditional LatteTransformer3DModel on moving digits (one scikit-learn digit bouncing on a "
+              "16x16 canvas for 8 frames; the 1x8x16x16 clip in [-1, 1] is the latent; no VAE); class through "
+              "cross-attention; LattePipeline with CFG against the null label entry",
+              "v-prediction, x = sqrt(a_t) x0 + sqrt(1 - a_t) noise, target sqrt(a_t) noise - sqrt(1 - a_t) x0, "
+              "t uniform in 0..999 (linear betas 1e-4..0.02)"),
+}
+# per-arena defaults of the options left unset
+_DEFAULTS = {
+    "flux": dict(steps=1800, batch_size=128, lr=1e-3),
+    "latte": dict(steps=3000, batch_size=48, lr=1e-3),
+}
+
+
+def write_arena(name, out: Path, ema, record):
+    cls_name, sched_name, sched_config = _ARENA_FILES[name][:3]
     out.mkdir(parents=True, exist_ok=True)
     transformer, table = ema["transformer"], ema["table"]
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in transformer.state_dict().items()}
@@ -143,55 +223,67 @@ def write_flux(out: Path, ema, record):
     atomic_write_bytes(out / arena_flux.LABELS_FILE, save_safetensors_bytes(labels, metadata={"format": "omnicache-labels"}))
     config = dict(transformer.config)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    config = {"_class_name": "FluxTransformer2DModel", **config}
+    config = {"_class_name": cls_name, **config}
     atomic_write_bytes(out / arena_flux.CONFIG_FILE, _json_bytes(config))
-    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **arena_flux.FLUX_SCHEDULER_CONFIG}
-    atomic_write_bytes(out / arena_flux.SCHEDULER_FILE, _json_bytes(sched))
+    atomic_write_bytes(out / arena_flux.SCHEDULER_FILE, _json_bytes({"_class_name": sched_name, **sched_config}))
     atomic_write_bytes(out / arena_flux.ARENA_JSON, _json_bytes(record))
 
 
-@torch.no_grad()
-def sample_accuracy(pipe, classifier, n, steps, true_cfg_scale=None, seed=1234, chunk=100):
-    """Classifier accuracy of ``n`` uncached samples (classes in turn, ``steps`` steps)."""
-    from ..metrics import class_accuracy
+def classify(pipe, classifier, images):
+    """Predicted classes of ``digits_images`` output: one per image (Flux), one per frame
+    (Latte: the digit's 8x8 window, :func:`omnicache.arena.latte.frame_digits`)."""
+    if images.dim() == 5:
+        images = arena_latte.frame_digits(images)
+    param = next(classifier.parameters())
+    return classifier((images * 2 - 1).to(device=param.device, dtype=param.dtype)).argmax(dim=1)  # takes [-1, 1]
 
+
+@torch.no_grad()
+def sample_accuracy(pipe, classifier, n, steps, guidance=None, seed=1234, chunk=100):
+    """Classifier accuracy of ``n`` uncached samples (classes in turn, ``steps`` steps);
+    per frame for a video arena."""
     labels = torch.arange(n) % arena_flux.NUM_CLASSES
     generator = torch.Generator().manual_seed(seed)
-    images = []
+    hits = []
     for i in range(0, n, chunk):
-        kw = arena_flux.digits_inputs(pipe, labels[i : i + chunk], true_cfg_scale=true_cfg_scale)
-        out = pipe(**kw, num_inference_steps=steps, generator=generator)
-        images.append(arena_flux.digits_images(pipe, out))
-    images = torch.cat(images)
-    return class_accuracy(classifier, images * 2 - 1, labels)  # the classifier takes [-1, 1]
+        part = labels[i : i + chunk]
+        out = pipe(**digits_inputs(pipe, part, guidance=guidance), num_inference_steps=steps, generator=generator)
+        images = digits_images(pipe, out)
+        pred = classify(pipe, classifier, images)
+        hits.append(pred.view(len(part), -1) == part[:, None])
+    return torch.cat(hits).float().mean().item()
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m omnicache.arena.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("name", help=f"the arena to train: {', '.join(arena_flux.ARENAS)}")
-    p.add_argument("--steps", type=int, default=1800, help="optimisation steps")
+    p.add_argument("name", help=f"the arena to train: {', '.join(ARENAS)}")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (flux 1800, latte 3000)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the package data folder)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=None, help="samples (clips) a step (flux 128, latte 48)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (1e-3)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--true-cfg-scale", type=float, default=2.0, help="the default guidance shipped with the arena")
+    p.add_argument("--guidance", "--true-cfg-scale", "--guidance-scale", dest="guidance", type=float, default=2.0,
+                   help="the default guidance shipped with the arena (Flux's true_cfg_scale, Latte's guidance_scale)")
     p.add_argument("--eval-samples", type=int, default=200, help="uncached samples for the class accuracy (0: none)")
     p.add_argument("--eval-steps", type=int, nargs="+", default=[28, 50], help="sampling steps of the evaluations")
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args(argv)
-    if args.name not in arena_flux.ARENAS:
-        p.error(f"name must be one of {', '.join(arena_flux.ARENAS)}, got {args.name!r}")
+    if args.name not in ARENAS:
+        p.error(f"name must be one of {', '.join(ARENAS)}, got {args.name!r}")
+    for key, value in _DEFAULTS[args.name].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for name in ("steps", "batch_size", "log_every"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.eval_samples < 0 or any(s <= 0 for s in args.eval_steps):
         p.error("--eval-samples must be >= 0 and --eval-steps positive")
-    if args.true_cfg_scale < 1:
-        p.error("--true-cfg-scale must be >= 1")
+    if args.guidance < 1:
+        p.error("--guidance must be >= 1")
     return args
 
 
@@ -204,22 +296,25 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
-    ema, losses, wall = train_flux(args, generator)
+    train = train_flux if args.name == "flux" else train_latte
+    ema, losses, wall = train(args, generator)
     final_loss = sum(losses[-100:]) / len(losses[-100:])
     print(f"final loss (mean of the last 100 steps) {final_loss:.4f}; {wall:.0f} s", flush=True)
+    _, _, _, description, objective = _ARENA_FILES[args.name]
+    guidance_key = "true_cfg_scale" if args.name == "flux" else "guidance_scale"
+    side = arena_flux.LATENT_SIZE if args.name == "flux" else arena_latte.CANVAS
     record = {
         "arena": args.name,
-        "description": "class-conditional FluxTransformer2DModel on scikit-learn digits (the 1x8x8 digit in [-1, 1] "
-        "is the latent; no VAE); FluxPipeline with true CFG against the null label entry",
-        "true_cfg_scale": args.true_cfg_scale,
-        "height": arena_flux.LATENT_SIZE * 8,
-        "width": arena_flux.LATENT_SIZE * 8,
+        "description": description,
+        guidance_key: args.guidance,
+        "height": side * 8,
+        "width": side * 8,
         "num_classes": arena_flux.NUM_CLASSES,
         "null_label": arena_flux.NULL_LABEL,
         "training": {
             "command": "python -m omnicache.arena.train " + shlex.join(argv),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "objective": "rectified flow, x = (1 - s) x0 + s noise, target noise - x0, s = time_shift(logit-normal)",
+            "objective": objective,
             "data": "sklearn.datasets.load_digits, train split of omnicache.train_default.digits_split",
             "wall_time_s": round(wall, 1),
             "device": "cpu",
@@ -231,25 +326,29 @@ def main(argv=None) -> int:
             "date": datetime.date.today().isoformat(),
         },
     }
-    write_flux(out, ema, record)
+    if args.name == "latte":
+        record["frames"] = arena_latte.FRAMES
+    write_arena(args.name, out, ema, record)
 
     # Evaluate what was written, as users load it.
     from ..runtime.default import load_classifier
 
-    pipe = arena_flux.load_digits_pipeline(args.name, data_dir=out)
+    pipe = load_digits_pipeline(args.name, data_dir=out)
     classifier = load_classifier()
-    record["sample_accuracy"] = {"samples": args.eval_samples, "true_cfg_scale": args.true_cfg_scale, "seed": 1234}
+    per = " frames" if args.name == "latte" else ""
+    record["sample_accuracy"] = {"samples": args.eval_samples, guidance_key: args.guidance, "seed": 1234,
+                                 "per": "frame" if per else "sample"}
     for steps in args.eval_steps if args.eval_samples else []:
         t0 = time.time()
         acc = sample_accuracy(pipe, classifier, args.eval_samples, steps)
         record["sample_accuracy"][f"steps_{steps}"] = acc
-        print(f"class accuracy, {args.eval_samples} uncached samples, {steps} steps,"
-              f" true_cfg_scale {args.true_cfg_scale}: {acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        print(f"class accuracy{per}, {args.eval_samples} uncached samples, {steps} steps,"
+              f" guidance {args.guidance}: {acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
     if args.eval_samples:
         steps = args.eval_steps[0]
-        acc1 = sample_accuracy(pipe, classifier, args.eval_samples, steps, true_cfg_scale=1.0)
+        acc1 = sample_accuracy(pipe, classifier, args.eval_samples, steps, guidance=1.0)
         record["sample_accuracy"][f"steps_{steps}_no_guidance"] = acc1
-        print(f"class accuracy without guidance, {steps} steps: {acc1:.4f}", flush=True)
+        print(f"class accuracy{per} without guidance, {steps} steps: {acc1:.4f}", flush=True)
     sizes = {p.name: p.stat().st_size for p in sorted(Path(out).iterdir()) if not p.name.startswith(".")}
     record["files_bytes"] = sizes
     atomic_write_bytes(out / arena_flux.ARENA_JSON, _json_bytes(record))
