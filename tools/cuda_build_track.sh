@@ -136,7 +136,8 @@ except RuntimeError as exc:
     assert "'cuda'" in reason and "no CUDA device" in reason, reason
 else:
     raise AssertionError("set_backend('cuda') succeeded without a GPU")
-for op in ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1"):
+for op in ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1", "token_update_",
+           "gather_tokens"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"omnicache::{op}", key), (op, key)
 print("import ok: cuda built, not available (" + reason.split(": ", 1)[-1] + "); backends:",

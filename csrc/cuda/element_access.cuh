@@ -1,5 +1,6 @@
-// Element types and 16-byte vector access of the CUDA kernels (omnicache_kernels.cu, the
-// only includer; inside its anonymous namespace, so no include guard and no includes).
+// Element types, the dtype dispatch and 16-byte vector access of the CUDA kernels
+// (included by omnicache_kernels.cu and token_kernels.cu inside their anonymous
+// namespaces, after the CUDA headers: no include guard and no includes).
 // ------------------------------------------------------------------ element types
 // Conversions between a storage type and float32: exact widening, round-to-nearest-even
 // narrowing. `bits` forms work on the element's bit pattern inside a 16-byte vector.
@@ -88,3 +89,22 @@ __host__ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
+// ------------------------------------------------------------------ dtype dispatch
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The one dtype dispatch: calls f(TypeTag<T>{}) with T the storage type of `dtype`.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32:
+      return f(TypeTag<float>{});
+    case DType::F16:
+      return f(TypeTag<__half>{});
+    case DType::BF16:
+      return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}

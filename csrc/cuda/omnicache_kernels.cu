@@ -37,7 +37,7 @@ static_assert((kWarps & (kWarps - 1)) == 0, "the cross-warp butterfly needs a po
 template <int n>
 inline constexpr int kDim = n > 0 ? n : 1;
 
-#include "element_access.cuh"  // element types, 16-byte vector access
+#include "element_access.cuh"  // element types, dtype dispatch, 16-byte vector access
 
 // ------------------------------------------------------------------ the ops
 // An op maps kIn float inputs of one element to kOut float outputs (stored rounded to
@@ -326,25 +326,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------ launchers
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// The one dtype dispatch: calls f(TypeTag<T>{}) with T the storage type of `dtype`.
-template <typename F>
-cudaError_t dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32:
-      return f(TypeTag<float>{});
-    case DType::F16:
-      return f(TypeTag<__half>{});
-    case DType::BF16:
-      return f(TypeTag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // Runs `op` over [batch, per_sample] (both > 0); with statistics, writes [batch, kStats]
 // to `stats` through the workspace (stage 2) when a sample has more than one chunk.
 template <typename T, typename Op>

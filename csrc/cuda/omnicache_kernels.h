@@ -131,4 +131,45 @@ cudaError_t rel_l1(const void* a, const void* b, int64_t batch, int64_t per_samp
                    DType dtype, float* stats, void* workspace, size_t workspace_bytes,
                    cudaStream_t stream);
 
+// ------------------------------------------------------------------ token ops (ToCa)
+// In token_kernels.cu. Tokens are rows of `channels` elements: hidden, cache and out are
+// [batch, tokens, channels], values [batch, selected, channels], index int64 [batch,
+// selected]. An index outside [0, tokens) is not an error here (the host does not read
+// it: that would synchronise); the kernels handle it on the device, as
+// omnicache/reference.py specifies.
+
+// Bytes of int32 workspace token_update needs: the owner map [batch * tokens] and a flag.
+inline size_t token_update_workspace_bytes(int64_t batch, int64_t tokens) {
+  return (static_cast<size_t>(batch) * static_cast<size_t>(tokens) + 1) * sizeof(int32_t);
+}
+
+// ToCa's token update:
+//
+//     owner[b, n] = largest k with index[b, k] == n, else -1    (atomicMax: last wins)
+//     owner[b, n] >= 0:  cache[b, n] = round(values[b, owner] - hidden[b, n])
+//                        out[b, n] = values[b, owner]            (the bits)
+//     owner[b, n] < 0:   out[b, n] = round(hidden[b, n] + cache[b, n])
+//
+// float32 arithmetic, no FMA. When any index lies outside [0, tokens) no element of cache
+// is written and out is all NaN. Three launches: the owner map and flag are reset
+// (cudaMemsetAsync), the owner pass, the update pass.
+//
+// Parameters
+// ----------
+// cache : dtype, contiguous, read and written.  out : dtype, contiguous, written.
+// values, hidden : dtype, contiguous.  index : int64, contiguous; selected < 2^31.
+// workspace : at least token_update_workspace_bytes(batch, tokens) bytes, 4-byte aligned.
+// Bytes moved: (3 * tokens + selected) * channels * sizeof(dtype) per sample.
+cudaError_t token_update(void* cache, void* out, const int64_t* index, const void* values,
+                         const void* hidden, int64_t batch, int64_t tokens, int64_t selected,
+                         int64_t channels, DType dtype, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream);
+
+// out[b, k] = x[b, index[b, k]]: rows copied (the bits); a row whose index lies outside
+// [0, tokens) is NaN. x: element (b, n, c) at x[b * stride_b + n * stride_n + c]; out:
+// contiguous [batch, selected, channels].
+cudaError_t gather_tokens(void* out, const void* x, const int64_t* index, int64_t batch,
+                          int64_t tokens, int64_t selected, int64_t channels, int64_t stride_b,
+                          int64_t stride_n, DType dtype, cudaStream_t stream);
+
 }  // namespace omnicache::cuda

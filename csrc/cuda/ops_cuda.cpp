@@ -145,6 +145,41 @@ at::Tensor rel_l1_cuda(const at::Tensor& a, const at::Tensor& b) {
   return stats;
 }
 
+// The index range is not checked on the host (reading a CUDA index would synchronise):
+// the kernels handle an index outside [0, N) on the device (omnicache_kernels.h).
+at::Tensor token_update_cuda(const at::Tensor& cache, const at::Tensor& index,
+                             const at::Tensor& values, const at::Tensor& hidden) {
+  check_token_update(cache, index, values, hidden);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  at::Tensor out = at::empty(hidden.sizes(), hidden.options());
+  if (hidden.numel() == 0) return out;
+  const at::Tensor idx = index.contiguous(), v = values.contiguous(), h = hidden.contiguous();
+  const int64_t batch = hidden.size(0), tokens = hidden.size(1);
+  const size_t bytes = kernels::token_update_workspace_bytes(batch, tokens);
+  const at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, hidden.options().dtype(at::kByte));
+  const cudaError_t err = kernels::token_update(
+      cache.data_ptr(), out.data_ptr(), idx.data_ptr<int64_t>(), v.data_ptr(), h.data_ptr(), batch,
+      tokens, index.size(1), hidden.size(2), dtype_of(hidden), ws.data_ptr(), bytes,
+      current_stream());
+  check_launch(err, "token_update_");
+  return out;
+}
+
+// x needs a contiguous last dim only: its other strides go to the kernel.
+at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index) {
+  check_gather_tokens(x, index);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0), index.size(1), x.size(2)}, x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor src = x.stride(2) == 1 ? x : x.contiguous();
+  const at::Tensor idx = index.contiguous();
+  const cudaError_t err = kernels::gather_tokens(
+      out.data_ptr(), src.data_ptr(), idx.data_ptr<int64_t>(), x.size(0), x.size(1),
+      index.size(1), x.size(2), src.stride(0), src.stride(1), dtype_of(x), current_stream());
+  check_launch(err, "gather_tokens");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(omnicache, CUDA, m) {
@@ -152,6 +187,8 @@ TORCH_LIBRARY_IMPL(omnicache, CUDA, m) {
   m.impl("store_residual_", &store_residual_cuda);
   m.impl("trajectory_stats", &trajectory_stats_cuda);
   m.impl("rel_l1", &rel_l1_cuda);
+  m.impl("token_update_", &token_update_cuda);
+  m.impl("gather_tokens", &gather_tokens_cuda);
 }
 
 }  // namespace omnicache
