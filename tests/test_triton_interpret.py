@@ -26,6 +26,7 @@ from omnicache import reference as R  # noqa: E402
 from omnicache.kernels import apply_residual as k_apply  # noqa: E402
 from omnicache.kernels import rel_l1 as k_rel_l1  # noqa: E402
 from omnicache.kernels import store_residual as k_store  # noqa: E402
+from omnicache.kernels import token_update as k_token  # noqa: E402
 from omnicache.kernels import trajectory_stats as k_traj  # noqa: E402
 from omnicache.kernels import utils as k_utils  # noqa: E402
 
@@ -377,6 +378,43 @@ def test_reductions_bitwise_deterministic(dtype, blocking):
     for h in hidden:
         k_apply.apply_residual_(h, a, b, torch.linspace(-1, 1, 3, device=DEVICE), block=512)
     assert torch.equal(hidden[0], hidden[1])
+
+
+# ---------------------------------------------------------------- token ops (ToCa)
+
+TOKEN_BLOCKINGS = {"default": {}, "small": dict(tokens=4, block_c=8)}
+
+
+@pytest.mark.parametrize("blocking", TOKEN_BLOCKINGS.values(), ids=TOKEN_BLOCKINGS.keys())
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 9, 13, 12), (3, 37, 20, 0), (2, 21, 33, 40)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_update(dtype, shape, strided, blocking):
+    b, n, c, k = shape
+    g = torch.Generator().manual_seed(k)
+    index = torch.randint(0, n, (b, k), generator=g).to(DEVICE)  # tokens repeat: last wins
+    cache, hidden = make((b, n, c), dtype, 80), make((b, n, c), dtype, 81, strided)
+    values = make((b, k, c), dtype, 82, strided)
+    c64 = d(cache)
+    want = R.token_update_(c64, index.cpu(), d(values), d(hidden), acc=F64)
+    small = dict(blocking, index_block=8) if blocking else {}
+    got = k_token.token_update_(cache, index, values, hidden, **small)
+    scale = d(hidden).abs() + d(cache).abs() + (d(values).abs().amax() if k else 0)
+    assert_elementwise(got, want, scale, dtype, "out")
+    assert_elementwise(cache, c64, scale, dtype, "cache")
+    rows = k_token.gather_tokens(hidden, index, **blocking)
+    assert torch.equal(rows.cpu(), R.gather_tokens(hidden.cpu(), index.cpu()))
+
+
+def test_token_update_index_out_of_range_flags_on_the_device():
+    cache, hidden, values = make((2, 9, 5), torch.float32, 83), make((2, 9, 5), torch.float32, 84), \
+        make((2, 3, 5), torch.float32, 85)
+    before = cache.clone()
+    index = torch.tensor([[0, 8, 8], [1, 9, 2]], device=DEVICE)
+    out = k_token.token_update_(cache, index, values, hidden, tokens=4, block_c=4, index_block=2)
+    assert out.isnan().all() and torch.equal(cache, before)
+    rows = k_token.gather_tokens(hidden, index, tokens=2, block_c=4)
+    assert rows[1, 1].isnan().all() and torch.equal(rows[0], hidden[0, [0, 8, 8]])
 
 
 @pytest.mark.parametrize("bad", [(48, 128), (64, 100), (0, 0)])

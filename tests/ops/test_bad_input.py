@@ -136,6 +136,52 @@ def reduction_cases():
     ]
 
 
+K = 3
+
+
+def token_cases():
+    """token_update_(cache, index, values, hidden): [B, N, C] = [2, 8, 4], K = 3."""
+    c, h, v = t(B, N, 4), t(B, N, 4), t(B, K, 4)
+    i = torch.tensor([[0, 7, 7], [3, 1, 0]])
+    buf = torch.zeros(2 * B * N * 4)  # cache and an int64 index over one buffer
+    return [
+        ("2-d hidden", lambda: (t(), i, v, t()), "hidden"),
+        ("integer hidden", lambda: (c, i, v, torch.ones(B, N, 4, dtype=torch.int32)), "hidden"),
+        ("cache shape", lambda: (t(B, N + 1, 4), i, v, h), "cache"),
+        ("cache dtype", lambda: (t(B, N, 4, dtype=torch.float16), i, v, h), "cache"),
+        ("cache device", lambda: (t(B, N, 4, device="meta"), i, v, h), "cache"),
+        ("index int32", lambda: (c, i.int(), v, h), "index"),
+        ("index float", lambda: (c, i.float(), v, h), "index"),
+        ("index shape [B+1, K]", lambda: (c, torch.zeros(B + 1, K, dtype=torch.int64), v, h), "index"),
+        ("index 1-d", lambda: (c, i[0], v, h), "index"),
+        ("index device", lambda: (c, i.to("meta"), v, h), "index"),
+        ("index = N", lambda: (c, torch.tensor([[0, N, 1], [0, 1, 2]]), v, h), "index"),
+        ("index negative", lambda: (c, torch.tensor([[0, 1, 2], [-1, 1, 2]]), v, h), "index"),
+        ("values shape [B, K+1, C]", lambda: (c, i, t(B, K + 1, 4), h), "values"),
+        ("values shape [B, K, C+1]", lambda: (c, i, t(B, K, 5), h), "values"),
+        ("values dtype", lambda: (c, i, t(B, K, 4, dtype=torch.bfloat16), h), "values"),
+        ("values device", lambda: (c, i, t(B, K, 4, device="meta"), h), "values"),
+        ("non-contiguous cache", lambda: (t(B, 4, N).transpose(1, 2), i, v, h), "cache"),
+        ("cache is hidden", lambda: (c, i, v, c), "cache"),
+        ("cache overlaps values", lambda: (c, i, c[:, :K], h), "cache"),
+        ("cache overlaps index", lambda: (buf[: B * N * 4].view(B, N, 4), buf.view(torch.int64)[: B * K].view(B, K),
+                                          v, h), "cache"),
+    ]
+
+
+def gather_cases():
+    x, i = t(B, N, 4), torch.tensor([[0, 7, 7], [3, 1, 0]])
+    return [
+        ("2-d x", lambda: (t(), i), "x"),
+        ("integer x", lambda: (torch.ones(B, N, 4, dtype=torch.int64), i), "x"),
+        ("index int32", lambda: (x, i.int()), "index"),
+        ("index shape", lambda: (x, i[:1]), "index"),
+        ("index device", lambda: (x, i.to("meta")), "index"),
+        ("index = N", lambda: (x, torch.tensor([[0, 1, 2], [N, 1, 2]])), "index"),
+        ("index negative", lambda: (x, torch.tensor([[-3, 1, 2], [0, 1, 2]])), "index"),
+    ]
+
+
 def snapshot(*targets):
     return [None if x is None else x.detach().clone() for x in targets]
 
@@ -172,6 +218,24 @@ def test_reductions_refuse(cpu_backend, case):
     opname, _, make_args, argname = case
     with pytest.raises(ValueError, match=rf"{opname}: .*\b{argname}\b"):
         getattr(ops, opname)(*make_args())
+
+
+@pytest.mark.parametrize("case", token_cases(), ids=lambda c: c[0])
+def test_token_update_refuses(cpu_backend, case):
+    _, make_args, argname = case
+    args = make_args()
+    targets = [args[0]] if args[0].device.type != "meta" else []
+    before = snapshot(*targets)
+    with pytest.raises(ValueError, match=rf"token_update_: .*\b{argname}\b"):
+        ops.token_update_(*args)
+    assert_unchanged(targets, before)
+
+
+@pytest.mark.parametrize("case", gather_cases(), ids=lambda c: c[0])
+def test_gather_tokens_refuses(cpu_backend, case):
+    _, make_args, argname = case
+    with pytest.raises(ValueError, match=rf"gather_tokens: .*\b{argname}\b"):
+        ops.gather_tokens(*make_args())
 
 
 def test_direct_torch_ops_refuse_too():
@@ -214,10 +278,14 @@ NOT_TENSORS = [None, 1.5, np.ones((B, N), dtype=np.float32), [[1.0] * N] * B]
     ("trajectory_stats", 0, "x_next"), ("trajectory_stats", 1, "x"), ("trajectory_stats", 2, "x_prev"),
     ("apply_residual_", 0, "hidden"), ("apply_residual_", 1, "residual"),
     ("store_residual_", 0, "cache"), ("store_residual_", 2, "out"),
+    ("token_update_", 0, "cache"), ("token_update_", 1, "index"), ("token_update_", 2, "values"),
+    ("token_update_", 3, "hidden"), ("gather_tokens", 0, "x"), ("gather_tokens", 1, "index"),
 ])
 def test_non_tensor_argument_is_a_type_error(cpu_backend, opname, position, argname, value):
     args = {"rel_l1": [t(), t()], "trajectory_stats": [t(), t(), t()],
-            "apply_residual_": [t(), t()], "store_residual_": [t(), None, t(), t()]}[opname]
+            "apply_residual_": [t(), t()], "store_residual_": [t(), None, t(), t()],
+            "token_update_": [t(B, N, 4), torch.zeros(B, K, dtype=torch.int64), t(B, K, 4), t(B, N, 4)],
+            "gather_tokens": [t(B, N, 4), torch.zeros(B, K, dtype=torch.int64)]}[opname]
     args[position] = value
     with pytest.raises(TypeError, match=rf"{opname}: {argname} must be a Tensor"):
         getattr(ops, opname)(*args)

@@ -8,6 +8,7 @@ import omnicache.ops as ops
 import test_apply_residual
 import test_rel_l1
 import test_store_residual
+import test_token_update
 import test_trajectory_stats
 from opsutil import DTYPES, backend, gpu_backends, make
 
@@ -100,7 +101,8 @@ def test_cuda_graph_capture_and_replay(gpu_backend, dtype):
             torch.testing.assert_close(got, exp, rtol=1e-3, atol=1e-2)
 
 
-@pytest.mark.parametrize("opname", ["apply_residual_", "store_residual_", "trajectory_stats", "rel_l1"])
+@pytest.mark.parametrize("opname", ["apply_residual_", "store_residual_", "trajectory_stats", "rel_l1",
+                                    "token_update_", "gather_tokens"])
 def test_opcheck_cuda_kernels(opname):
     if "cuda" not in ops.available_backends():
         pytest.skip("omnicache._C was built without CUDA kernels")
@@ -121,3 +123,76 @@ def test_compile_fullgraph_on_cuda(gpu_backend):
     got = torch.compile(test_compile.cache_step, fullgraph=True)(**compiled)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+TOKEN_SHAPES = [(1, 1, 1, 1), (2, 7, 13, 5), (3, 37, 64, 40), (2, 300, 130, 45), (1, 4096, 128, 614)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=str)
+@pytest.mark.parametrize("strided", [False, True])
+def test_token_ops_match_reference(gpu_backend, shape, dtype, strided):
+    """Vector (C a multiple of 16 bytes) and scalar paths, repeated tokens (last wins),
+    and gather_tokens of a strided view."""
+    for unique in (False, True):
+        test_token_update.run_case(shape, dtype, 5, strided=strided, unique=unique, device="cuda")
+    b, n, c, k = shape
+    x = make((b, 2 * n, c), dtype, seed=6, device="cuda")[:, ::2]
+    index = test_token_update.make_index(b, n, k, 7, device="cuda")
+    want = torch.stack([x[i, index[i]] for i in range(b)])
+    assert torch.equal(ops.gather_tokens(x, index), want)
+
+
+def test_token_ops_index_out_of_range_on_the_device(gpu_backend):
+    """No host check on a GPU (no sync): out all NaN and cache untouched; NaN rows."""
+    cache, hidden = (make((2, 50, 64), torch.bfloat16, seed=s, device="cuda") for s in (1, 2))
+    values = make((2, 3, 64), torch.bfloat16, seed=3, device="cuda")
+    before = cache.clone()
+    for bad in (50, -1):
+        index = torch.tensor([[0, 1, 2], [4, bad, 4]], device="cuda")
+        out = ops.token_update_(cache, index, values, hidden)
+        assert out.isnan().all() and torch.equal(cache, before)
+        rows = ops.gather_tokens(hidden, index)
+        assert rows[1, 1].isnan().all() and torch.equal(rows[0], hidden[0, :3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_update_bitwise_on_repeat_with_duplicates(gpu_backend, dtype):
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 2000, (3, 5000), generator=g).cuda()
+    values = make((3, 5000, 96), dtype, seed=1, device="cuda")
+    hidden, cache0 = (make((3, 2000, 96), dtype, seed=s, device="cuda") for s in (2, 3))
+    results = []
+    for _ in range(3):
+        cache = cache0.clone()
+        results.append((ops.token_update_(cache, index, values, hidden), cache))
+    for out, cache in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(cache, results[0][1])
+
+
+def test_token_ops_cuda_graph_capture_and_replay(gpu_backend):
+    cache, hidden = (make((2, 256, 128), torch.bfloat16, seed=s, device="cuda") for s in (1, 2))
+    index = torch.randint(0, 256, (2, 40), device="cuda")
+
+    def body():
+        return ops.token_update_(cache, index, ops.gather_tokens(hidden, index) * 2, hidden)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+    for seed in (10, 20):
+        new = [make((2, 256, 128), torch.bfloat16, seed=seed + i, device="cuda") for i in range(2)]
+        index.copy_(torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(seed)))
+        cache.copy_(new[0])
+        hidden.copy_(new[1])
+        graph.replay()
+        torch.cuda.synchronize()
+        want_cache = new[0].clone()
+        with backend("torch"):
+            want = ops.token_update_(want_cache, index, ops.gather_tokens(new[1], index) * 2, new[1])
+        assert torch.equal(out, want) and torch.equal(cache, want_cache)

@@ -47,6 +47,30 @@ def test_bitwise_equal_across_thread_counts(cpu_backend, dtype):
         assert torch.equal(results[0], r)
 
 
+def token_ops(dtype):
+    """token_update_ with many repeated tokens (every index drawn with replacement) over
+    several parallel ranges, and gather_tokens."""
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 700, (3, 900), generator=g)
+    cache = make((3, 700, 65), dtype, seed=20)
+    out = ops.token_update_(cache, index, make((3, 900, 65), dtype, seed=21), make((3, 700, 65), dtype, seed=22))
+    return out, cache, ops.gather_tokens(out, index)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_ops_bitwise_equal_on_repeat_and_across_thread_counts(cpu_backend, dtype):
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            results.append(token_ops(dtype))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], r))
+
+
 _ISA_SCRIPT = r"""
 import hashlib, sys, torch
 sys.path.insert(0, {tests!r})
@@ -64,6 +88,11 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         hid = xs[5].clone()
         ops.apply_residual_(hid, xs[0], xs[1], torch.rand(shape[0], 2, generator=torch.Generator().manual_seed(1)), xs[2], gate)
         out.append(hid)
+        n = min(shape[1], 3001)
+        idx = torch.randint(0, n, (shape[0], 7 * n // 5), generator=torch.Generator().manual_seed(2))
+        tok = [make((shape[0], n, 67), dtype, seed=s) for s in (7, 8)]
+        vals = make((shape[0], idx.shape[1], 67), dtype, seed=9)
+        out += [ops.token_update_(tok[0], idx, vals, tok[1]), tok[0], ops.gather_tokens(tok[1], idx)]
         for t in out:
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
 print(h.hexdigest())

@@ -44,12 +44,22 @@ def samples(dtype):
         ],
         "trajectory_stats": [(x[0], x[1], x[2])],
         "rel_l1": [(x[0], x[1])],
+        # [B, N, C] = SHAPE; index [B, 4] with a repeated token, and K = 0.
+        "token_update_": [
+            (x[0].clone(), INDEX, make((SHAPE[0], 4, SHAPE[2]), dtype, seed=7), x[1]),
+            (x[0].clone(), INDEX[:, :0], make((SHAPE[0], 0, SHAPE[2]), dtype, seed=7), x[1]),
+        ],
+        "gather_tokens": [(x[0], INDEX), (x[1], INDEX[:, :0])],
     }
+
+
+INDEX = torch.tensor([[0, 4, 4, 2], [1, 1, 1, 1], [3, 0, 2, 4]])
+OPS = ["apply_residual_", "store_residual_", "trajectory_stats", "rel_l1", "token_update_", "gather_tokens"]
 
 
 @pytest.mark.parametrize("namespace", ["omnicache", "omnicache_triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("opname", ["apply_residual_", "store_residual_", "trajectory_stats", "rel_l1"])
+@pytest.mark.parametrize("opname", OPS)
 def test_opcheck(namespace, opname, dtype):
     import omnicache.ops  # noqa: F401  (registers both namespaces)
 

@@ -80,6 +80,21 @@ def test_token_update_many_tasks(cpu_backend, dtype):
     run_case((2, n, 67, n // 2), dtype, 6, strided=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_call_streams_the_same_bits(cpu_backend, dtype):
+    """An out of >= 32 MiB is written with streaming stores (C++ kernels): the same bits as
+    the float32 reference, as on small calls."""
+    if cpu_backend != "cpu":
+        pytest.skip("the streaming stores are in the C++ kernels")
+    c = 65  # odd rows: vectors start misaligned in every other row
+    n = (32 << 20) // (c * torch.empty((), dtype=dtype).element_size()) + 3
+    cache, index, values, hidden = token_inputs((1, n, c, n // 7), dtype, 1, unique=True)
+    want_cache = cache.clone()
+    want = reference.token_update_(want_cache, index, values, hidden)
+    got = ops.token_update_(cache, index, values, hidden)
+    assert torch.equal(bits(got), bits(want)) and torch.equal(bits(cache), bits(want_cache))
+
+
 def test_last_occurrence_wins(cpu_backend):
     hidden = torch.zeros(1, 4, 2)
     cache = torch.full((1, 4, 2), 7.0)
