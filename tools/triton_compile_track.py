@@ -17,7 +17,7 @@ What it does, generically (no list of kernels or branches to keep in step):
   size that cannot be evaluated there needs an entry in ``SIZE_HINTS`` (the track stops
   with an error naming it, so a new kernel cannot be skipped silently);
 - **arguments**: ``*_ptr`` parameters are pointers, of the op dtype (fp32, fp16, bf16)
-  unless their comment says ``float32``; other parameters are ``i32``;
+  unless their comment starts with ``float32``, ``int64`` or ``int32``; others are ``i32``;
 - **alignment**, as Triton's JIT specialises on it (``tt.divisibility`` 16):
   ``aligned``: every pointer and every integer argument divisible by 16 (shapes that are
   multiples of 16); ``unaligned``: pointers 16-byte aligned (torch's allocator) but no
@@ -65,6 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (80, 90)
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ALIGNMENTS = ("aligned", "unaligned")
+FIXED_POINTERS = {"float32": "fp32", "int64": "i64", "int32": "i32"}  # a *_ptr comment's first word
 DIV = [["tt.divisibility", 16]]
 
 # Size constexprs whose launcher value is computed at run time (not a default): the
@@ -269,9 +270,9 @@ def discover() -> list[Kernel]:
             for p in obj.params:
                 if p.is_constexpr:
                     continue
-                if p.name.endswith("_ptr"):
-                    fixed = comments.get(p.name, "").lower().startswith("float32")
-                    pointers[p.name] = "fp32" if fixed else "op"
+                if p.name.endswith("_ptr"):  # the op dtype unless the comment starts with a fixed one
+                    note = comments.get(p.name, "").lower()
+                    pointers[p.name] = next((t for w, t in FIXED_POINTERS.items() if note.startswith(w)), "op")
                 else:
                     ints.append(p.name)
             branches = _branches(obj, constexprs)
