@@ -15,6 +15,7 @@ drives the decider's device half: ``device_state(samples, device) -> dict``,
 """
 
 from ..plan import CachePlan
+from .adacache import AdaCacheConfig
 from .delta_dit import DeltaDiTConfig
 from .first_block_cache import FirstBlockCacheConfig
 from .fora import FORAConfig
@@ -38,6 +39,7 @@ __all__ = [
     "L2CConfig",
     "MagCacheConfig",
     "PABConfig",
+    "AdaCacheConfig",
     "TGATEConfig",
     "fit_teacache_coefficients",
     "fit_magcache_ratios",

@@ -108,6 +108,9 @@ class CacheExecutor:
             self.plan, self.decider = plan, None
             self.plan.check_matches(model, steps)
         else:
+            if getattr(policy, "moreg", False):
+                raise ValueError(f"{type(policy).__name__}.moreg: motion regularisation needs a video model; "
+                                 f"our DiT generates images")
             self.plan, self.decider = None, policy.decider(steps, depth, granularity=granularity)
         self.policy_name = type(policy).__name__.removesuffix("Config")
         self._device, self._device_wall = None, None  # mode="device": the decision's device state

@@ -78,6 +78,9 @@ class HostMode:
     def _decide(self, ctx, h):
         """Signal, its relative L1 to the reference (over the group), the decision."""
         sig = self.norm1_out if self.teacache else h - self.inp0
+        if self.moreg_frames:  # AdaCache's MoReg: the clip's motion at this step (one more host read)
+            x = self.inp0.reshape(-1, self.moreg_frames, *self.inp0.shape[1:]).float()
+            ctx.decider.observe_motion([((x[:, 1:] - x[:, :-1]).abs().mean() / x.abs().mean().clamp_min(1e-12)).item()])
         self.norm1_out = self.inp0 = None
         if self.per_sample:
             return self._decide_rows(ctx, sig)

@@ -136,6 +136,14 @@ class Runtime(HostMode, DeviceMode):
         self.step_actions = None
         self.norm1_out = self.inp0 = None
         self.last_rel, self.teacache, self.tail = None, False, 0
+        # AdaCache's MoReg: frames of the first block's (batch x frames, tokens, channels) input
+        self.moreg_frames = None
+        if getattr(config, "moreg", False):
+            if type(transformer).__name__ != "LatteTransformer3DModel" or self.per_sample:
+                raise ValueError(f"{type(config).__name__}.moreg: motion regularisation needs a video model whose "
+                                 f"first block sees the frames (LatteTransformer3DModel, whole-batch decisions); "
+                                 f"got {type(transformer).__name__}" + (" with per_sample=True" if self.per_sample else ""))
+            self.moreg_frames = transformer.config.video_length
         if self.kind == "dynamic":
             dec = config.decider(2**31 - 1, self.n)
             first, self.tail = dec.first_blocks, getattr(dec, "last_blocks", 0)
