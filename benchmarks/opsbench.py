@@ -14,16 +14,22 @@ import torch
 import omnicache.ops as ops
 from omnicache import reference
 
-OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1")
+OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1", "token_update_", "gather_tokens")
 # Further calls of the same ops with the newer arguments (second order, gate, no inp).
 EXTRA_CASES = ("apply_residual_order2_gate", "store_residual_order2")
 CASES = OPS + EXTRA_CASES
 # Minimum bytes each case must move, in units of N·s (N elements of s bytes):
 # order2_gate reads hidden, residual, D1, D2 and writes hidden (the [B, D] gate is
 # negligible); order2 reads out, inp, cache, delta and writes cache, delta, delta2.
+# The token ops (ToCa, K = 15% of the N tokens recomputed): token_update_ reads hidden and
+# cache and writes out for the reused 85%, reads values and hidden and writes cache and
+# out for the 15% (3 x 0.85 + 4 x 0.15); gather_tokens reads and writes 15%.
 TRAFFIC = {"apply_residual_": 4, "store_residual_": 5, "trajectory_stats": 3, "rel_l1": 2,
-           "apply_residual_order2_gate": 5, "store_residual_order2": 7}
+           "apply_residual_order2_gate": 5, "store_residual_order2": 7,
+           "token_update_": 3.15, "gather_tokens": 0.3}
 GATE_DIM = 1024  # D of the gated case: hidden is [B, numel / (B * D), D]
+TOKEN_DIM = 128  # C of the token cases: cache is [B, numel / (B * C), C]
+RECOMPUTED = 0.15  # ToCa's K / N (R = 85% of the tokens reused)
 
 
 def op_of(case: str) -> str:
@@ -51,6 +57,15 @@ def make_inputs(op: str, batch: int, numel: int, dtype, device, seed: int = 0) -
         return rand(), rand(), rand(), rand(), torch.empty(shape, device=device, dtype=dtype)
     if op == "trajectory_stats":
         return rand(), rand(), rand()
+    if op in ("token_update_", "gather_tokens"):
+        n = numel // (batch * TOKEN_DIM)
+        k = round(RECOMPUTED * n)
+        # Distinct tokens in score order, as a top-k gives them: no locality.
+        index = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(batch)]).to(device)
+        tokens = (batch, n, TOKEN_DIM)
+        if op == "gather_tokens":
+            return rand(tokens), index
+        return rand(tokens), index, rand((batch, k, TOKEN_DIM)), rand(tokens)
     return rand(), rand()
 
 
@@ -98,6 +113,18 @@ def eager_rel_l1(a, b):
     return torch.stack([(a - b).abs().sum(1, dtype=f32), b.abs().sum(1, dtype=f32)], 1)
 
 
+def eager_token_update_(cache, index, values, hidden):
+    # gather, subtract, scatter_, add: the selected tokens' out is hidden + (values -
+    # hidden), within a rounding of values (the op returns values exactly).
+    idx = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    cache.scatter_(1, idx, values - hidden.gather(1, idx))
+    return hidden + cache
+
+
+def eager_gather_tokens(x, index):
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 EAGER = {
     "apply_residual_": eager_apply_residual_,
     "apply_residual_order2_gate": eager_apply_residual_order2_gate,
@@ -105,6 +132,8 @@ EAGER = {
     "store_residual_order2": eager_store_residual_order2,
     "trajectory_stats": eager_trajectory_stats,
     "rel_l1": eager_rel_l1,
+    "token_update_": eager_token_update_,
+    "gather_tokens": eager_gather_tokens,
 }
 
 
@@ -148,4 +177,4 @@ def callable_for(op: str, variant: str):
 
 def bytes_moved(op: str, numel: int, dtype) -> int:
     """Fewest bytes case ``op`` must move for ``numel`` elements per tensor."""
-    return TRAFFIC[op] * numel * torch.empty((), dtype=dtype).element_size()
+    return round(TRAFFIC[op] * numel * torch.empty((), dtype=dtype).element_size())
