@@ -107,6 +107,14 @@ def _gather_tokens_kernel(
     tl.store(out_ptr + r[:, None] * C + col[None, :], x, mask=live)
 
 
+def _rows_like(t: Tensor, rows: int, *blocks: int) -> Tensor:
+    """A new contiguous ``[B, rows, C]`` tensor like ``t`` (``[B, N, C]``), once every
+    block size is checked."""
+    for block in blocks:
+        check_blocking(block)
+    return torch.empty((t.shape[0], rows, t.shape[2]), dtype=t.dtype, device=t.device)
+
+
 def token_update_(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor, *,
                   tokens: int = TOKEN_BLOCK, block_c: int = CHANNEL_BLOCK,
                   index_block: int = INDEX_BLOCK) -> Tensor:
@@ -116,11 +124,9 @@ def token_update_(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor, 
     strided (copied to contiguous). ``tokens``, ``block_c``, ``index_block``: tuning only
     (powers of two; tests lower them).
     """
-    for block in (tokens, block_c, index_block):
-        check_blocking(block)
     batch, n, c = hidden.shape
     k = index.shape[1]
-    out = torch.empty((batch, n, c), dtype=hidden.dtype, device=hidden.device)
+    out = _rows_like(hidden, n, tokens, block_c, index_block)
     if out.numel() == 0:
         return out
     index, values, hidden = contiguous(index, values, hidden)
@@ -140,11 +146,9 @@ def gather_tokens(x: Tensor, index: Tensor, *, tokens: int = TOKEN_BLOCK,
                   block_c: int = CHANNEL_BLOCK) -> Tensor:
     """``[B, N, C]``, ``[B, K]`` -> ``[B, K, C]`` rows (validated by the caller). ``x``
     needs a contiguous last dim only (other strides are followed)."""
-    check_blocking(tokens)
-    check_blocking(block_c)
     batch, n, c = x.shape
     k = index.shape[1]
-    out = torch.empty((batch, k, c), dtype=x.dtype, device=x.device)
+    out = _rows_like(x, k, tokens, block_c)
     if out.numel() == 0:
         return out
     if x.stride(2) != 1:

@@ -60,6 +60,20 @@ def test_reductions_bitwise_on_repeat(gpu_backend, dtype):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def capture(body):
+    """(graph, outputs) of ``body`` captured in a CUDA graph, after a warm-up call (Triton
+    compiles, allocator pools) on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = body()
+    return graph, outs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_capture_and_replay(gpu_backend, dtype):
     """All four ops captured in one graph, replayed on new inputs copied in place."""
@@ -73,14 +87,7 @@ def test_cuda_graph_capture_and_replay(gpu_backend, dtype):
         ops.apply_residual_(h, cache, delta, gamma)
         return s, ops.trajectory_stats(h, r, c), ops.rel_l1(h, r)
 
-    side = torch.cuda.Stream()  # warm up (Triton compiles, allocator pools) off the capture
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = body()
+    graph, outs = capture(body)
 
     for seed in (10, 20):
         new = [make(shape, dtype, seed=seed + i, device="cuda") for i in range(5)]
@@ -174,17 +181,7 @@ def test_token_ops_cuda_graph_capture_and_replay(gpu_backend):
     cache, hidden = (make((2, 256, 128), torch.bfloat16, seed=s, device="cuda") for s in (1, 2))
     index = torch.randint(0, 256, (2, 40), device="cuda")
 
-    def body():
-        return ops.token_update_(cache, index, ops.gather_tokens(hidden, index) * 2, hidden)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = body()
+    graph, out = capture(lambda: ops.token_update_(cache, index, ops.gather_tokens(hidden, index) * 2, hidden))
     for seed in (10, 20):
         new = [make((2, 256, 128), torch.bfloat16, seed=seed + i, device="cuda") for i in range(2)]
         index.copy_(torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(seed)))

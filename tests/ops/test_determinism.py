@@ -33,16 +33,22 @@ def test_bitwise_equal_on_repeat(cpu_backend, dtype):
     assert torch.equal(first, second) and torch.equal(cache1, cache2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_bitwise_equal_across_thread_counts(cpu_backend, dtype):
+def over_thread_counts(fn, counts=(1, 2, 3, 4)):
+    """``[fn() for each number of torch threads in counts]``, the setting restored."""
     threads = torch.get_num_threads()
     try:
         results = []
-        for n in (1, 2, 3, 4):
+        for n in counts:
             torch.set_num_threads(n)
-            results.append(all_reductions(dtype)[0])
+            results.append(fn())
     finally:
         torch.set_num_threads(threads)
+    return results
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitwise_equal_across_thread_counts(cpu_backend, dtype):
+    results = over_thread_counts(lambda: all_reductions(dtype)[0])
     for r in results[1:]:
         assert torch.equal(results[0], r)
 
@@ -59,14 +65,7 @@ def token_ops(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_token_ops_bitwise_equal_on_repeat_and_across_thread_counts(cpu_backend, dtype):
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3, 1):
-            torch.set_num_threads(n)
-            results.append(token_ops(dtype))
-    finally:
-        torch.set_num_threads(threads)
+    results = over_thread_counts(lambda: token_ops(dtype), (1, 2, 3, 1))
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], r))
 
