@@ -26,6 +26,7 @@ from .omnicache import OmniCacheConfig
 from .pab import PABConfig, TGATEConfig
 from .taylorseer import TaylorSeerConfig, forecast_coefficients
 from .teacache import TeaCacheConfig, fit_teacache_coefficients
+from .toca import ToCaConfig
 
 __all__ = [
     "CachePlan",
@@ -40,6 +41,7 @@ __all__ = [
     "MagCacheConfig",
     "PABConfig",
     "AdaCacheConfig",
+    "ToCaConfig",
     "TGATEConfig",
     "fit_teacache_coefficients",
     "fit_magcache_ratios",

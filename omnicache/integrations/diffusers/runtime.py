@@ -53,6 +53,7 @@ from . import accounting
 from .adapters import MODELS, model_blocks
 from .device import DeviceMode
 from .dynamic import HostMode
+from .tokens import TokenMode
 
 __all__ = ["Runtime"]
 
@@ -84,7 +85,7 @@ class _Context:
         self.stored = [False] * self.n_units
 
 
-class Runtime(HostMode, DeviceMode):
+class Runtime(HostMode, DeviceMode, TokenMode):
     """Everything :func:`.install.enable` installs on one transformer (see the module docstring;
     dynamic policies' ``mode="device"``: :mod:`.device`)."""
 
@@ -97,7 +98,7 @@ class Runtime(HostMode, DeviceMode):
         spec = MODELS[type(transformer).__name__]
         if isinstance(config, CachePlan):
             self.kind = "static"
-        elif getattr(config, "kind", None) in ("static", "dynamic"):
+        elif getattr(config, "kind", None) in ("static", "dynamic", "token"):
             self.kind = config.kind
         else:
             raise TypeError(f"config must be a CachePlan or a policy config, got {type(config).__name__}")
@@ -115,7 +116,7 @@ class Runtime(HostMode, DeviceMode):
         if granularity not in allowed:
             raise ValueError(f"omnicache.integrations.diffusers supports granularity "
                              f"{', '.join(map(repr, allowed))} on {type(transformer).__name__}, got {granularity!r}")
-        self.granularity = granularity if self.kind == "static" else "step"
+        self.granularity = granularity if self.kind == "static" else "block" if self.kind == "token" else "step"
         # the branch names of the plan's units (named branches: PAB, T-GATE; omnicache.plan)
         names = config.branches if isinstance(config, CachePlan) else getattr(config, "branches", DEFAULT_BRANCHES)
         self.branch_names = tuple(names) if self.granularity == "branch" else DEFAULT_BRANCHES
@@ -197,6 +198,8 @@ class Runtime(HostMode, DeviceMode):
         self.steps = steps
         if self.kind == "static":
             self._build_plan(steps)
+        if self.kind == "token":  # ToCa: full steps; the others recompute a share of the tokens
+            self.token_full = self.config.full_steps(steps)
         for ctx in self.contexts.values():
             self._restart(ctx)
 
@@ -330,6 +333,10 @@ class Runtime(HostMode, DeviceMode):
             ctx.stats.append({"residual": stats, "gamma": self.plan.gamma[ctx.step]})
             for u, a in enumerate(acts):
                 ctx.stored[u] |= a == STORE
+        elif self.kind == "token":  # every block ran, on all tokens (full step) or on a share of them
+            full = self.token_full[ctx.step]
+            computed, parts = [True] * self.n, [[full] * (nb + 1)] * self.n
+            ctx.stats.append({"residual": stats, "full": full})
         elif self.device_mode:  # placeholders until the summary reads the device history
             computed, parts = [True] * self.n, [[True] * (nb + 1)] * self.n
             ctx.stats.append({"residual": stats})
@@ -411,6 +418,11 @@ class Runtime(HostMode, DeviceMode):
             return self._device_block(k, orig, args, kwargs)
         if self.kind == "dynamic":
             return self._dynamic_block(k, orig, args, kwargs)
+        if self.kind == "token":
+            if self.steps is None:
+                raise RuntimeError("omnicache: the number of steps is unknown; pass enable(..., steps=N) "
+                                   "or call the pipeline (its scheduler's set_timesteps sets it)")
+            return self._token_block(k, orig, args, kwargs)
         if self.step_actions is None:
             raise RuntimeError("omnicache: the number of steps is unknown; pass enable(..., steps=N) "
                                "or call the pipeline (its scheduler's set_timesteps sets it)")
