@@ -128,24 +128,38 @@ def _read_json(source, where):
     return obj
 
 
-def build_flux(name, data_dir, device, dtype):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    folder = arena_dir(name, data_dir)
+def load_transformer(cls, name, folder, device, dtype):
+    """The arena's transformer: ``config.json`` (its ``_class_name`` must be ``cls``'s) and the
+    float16 safetensors weights, checked tensor by tensor, cast to ``dtype`` on ``device``,
+    in eval mode without gradients."""
     config = _read_json(folder.joinpath(CONFIG_FILE), f"{name}/{CONFIG_FILE}")
     cls_name = config.get("_class_name")
-    if cls_name != "FluxTransformer2DModel":
-        raise ValueError(
-            f"{name}/{CONFIG_FILE}: field '_class_name' must be 'FluxTransformer2DModel', got {cls_name!r}"
-        )
-    transformer = FluxTransformer2DModel.from_config(config)
+    if cls_name != cls.__name__:
+        raise ValueError(f"{name}/{CONFIG_FILE}: field '_class_name' must be '{cls.__name__}', got {cls_name!r}")
+    transformer = cls.from_config(config)
     state = read_safetensors(folder.joinpath(WEIGHTS_FILE), f"{name}/{WEIGHTS_FILE}")
     check_state(state, transformer.state_dict(), f"{name}/{WEIGHTS_FILE}")
     transformer.load_state_dict({k: v.float() for k, v in state.items()})
     transformer = transformer.to(device=device)
     if dtype != torch.float32:
         transformer = transformer.to(dtype=dtype)
-    transformer = transformer.eval().requires_grad_(False)
+    return transformer.eval().requires_grad_(False), config
+
+
+def read_guidance(name, folder, key):
+    """``arena.json`` and its default guidance ``key`` (a number >= 1)."""
+    record = _read_json(folder.joinpath(ARENA_JSON), f"{name}/{ARENA_JSON}")
+    scale = record.get(key)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 1:
+        raise ValueError(f"{name}/{ARENA_JSON}: field '{key}' must be a number >= 1, got {scale!r}")
+    return record, float(scale)
+
+
+def build_flux(name, data_dir, device, dtype):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    folder = arena_dir(name, data_dir)
+    transformer, config = load_transformer(FluxTransformer2DModel, name, folder, device, dtype)
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         _read_json(folder.joinpath(SCHEDULER_FILE), f"{name}/{SCHEDULER_FILE}")
@@ -169,10 +183,7 @@ def build_flux(name, data_dir, device, dtype):
     }
     check_state(table, expected, where)
 
-    record = _read_json(folder.joinpath(ARENA_JSON), f"{name}/{ARENA_JSON}")
-    scale = record.get("true_cfg_scale")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 1:
-        raise ValueError(f"{name}/{ARENA_JSON}: field 'true_cfg_scale' must be a number >= 1, got {scale!r}")
+    record, scale = read_guidance(name, folder, "true_cfg_scale")
     pipe.omnicache_arena = ArenaInfo(
         name=name,
         prompt_embeds=table["prompt_embeds"].float(),
@@ -180,7 +191,7 @@ def build_flux(name, data_dir, device, dtype):
         num_classes=NUM_CLASSES,
         null_label=NULL_LABEL,
         latent_size=LATENT_SIZE,
-        true_cfg_scale=float(scale),
+        true_cfg_scale=scale,
         record=record,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -39,19 +39,18 @@ import torch
 
 from ..io import check_state, read_safetensors
 from .flux import (
-    ARENA_JSON,
-    CONFIG_FILE,
     LABELS_FILE,
     NULL_LABEL,
     NUM_CLASSES,
     SCHEDULER_FILE,
     TEXT_TOKENS,
-    WEIGHTS_FILE,
     ArenaInfo,
     _arena,
     _labels,
     _read_json,
     arena_dir,
+    load_transformer,
+    read_guidance,
 )
 
 __all__ = ["LATTE_TRANSFORMER_CONFIG", "LATTE_SCHEDULER_CONFIG", "CANVAS", "FRAMES", "moving_digits",
@@ -126,20 +125,7 @@ def build_latte(name, data_dir, device, dtype):
     from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
 
     folder = arena_dir(name, data_dir)
-    config = _read_json(folder.joinpath(CONFIG_FILE), f"{name}/{CONFIG_FILE}")
-    cls_name = config.get("_class_name")
-    if cls_name != "LatteTransformer3DModel":
-        raise ValueError(
-            f"{name}/{CONFIG_FILE}: field '_class_name' must be 'LatteTransformer3DModel', got {cls_name!r}"
-        )
-    transformer = LatteTransformer3DModel.from_config(config)
-    state = read_safetensors(folder.joinpath(WEIGHTS_FILE), f"{name}/{WEIGHTS_FILE}")
-    check_state(state, transformer.state_dict(), f"{name}/{WEIGHTS_FILE}")
-    transformer.load_state_dict({k: v.float() for k, v in state.items()})
-    transformer = transformer.to(device=device)
-    if dtype != torch.float32:
-        transformer = transformer.to(dtype=dtype)
-    transformer = transformer.eval().requires_grad_(False)
+    transformer, config = load_transformer(LatteTransformer3DModel, name, folder, device, dtype)
     scheduler = DDIMScheduler.from_config(_read_json(folder.joinpath(SCHEDULER_FILE), f"{name}/{SCHEDULER_FILE}"))
     pipe = LattePipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
 
@@ -147,10 +133,7 @@ def build_latte(name, data_dir, device, dtype):
     table = read_safetensors(folder.joinpath(LABELS_FILE), where)
     check_state(table, {"prompt_embeds": torch.empty(NUM_CLASSES + 1, TEXT_TOKENS, config["caption_channels"])},
                 where)
-    record = _read_json(folder.joinpath(ARENA_JSON), f"{name}/{ARENA_JSON}")
-    scale = record.get("guidance_scale")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 1:
-        raise ValueError(f"{name}/{ARENA_JSON}: field 'guidance_scale' must be a number >= 1, got {scale!r}")
+    record, scale = read_guidance(name, folder, "guidance_scale")
     pipe.omnicache_arena = ArenaInfo(
         name=name,
         prompt_embeds=table["prompt_embeds"].float(),
@@ -158,7 +141,7 @@ def build_latte(name, data_dir, device, dtype):
         num_classes=NUM_CLASSES,
         null_label=NULL_LABEL,
         latent_size=config["sample_size"],
-        true_cfg_scale=float(scale),
+        true_cfg_scale=scale,
         record=record,
     )
     pipe.set_progress_bar_config(disable=True)
