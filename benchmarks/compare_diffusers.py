@@ -171,7 +171,7 @@ class System:
     name: str
     family: str  # "uncached", "ours", "diffusers", "cache-dit"
     install: object  # (pipe, knob, ctx, target) -> None
-    knob: tuple | None = None  # (name, "int"|"float"|"target", lo, hi)
+    knob: tuple | None = None  # (name, "int"|"float"|"target", lo, hi); None: one fixed-setting row
     prepare: object = None  # (ctx) -> None, once per step count (calibration runs)
     note: str = ""
 
@@ -478,16 +478,27 @@ def compile_check(system, ctx, knob, target, backend, short_steps):
         torch._dynamo.reset()
 
 
-def compare(args):
+def score_images(images, ref, labels, classifier):
+    """The quality columns of a row (images against the uncached run's): PSNR, SSIM, class
+    accuracy."""
+    psnr = float(metrics.psnr(images, ref).mean()) if not torch.equal(images, ref) else math.inf
+    return dict(psnr=psnr, ssim=float(metrics.ssim(images, ref).mean()),
+                class_acc=class_acc(classifier, images, labels))
+
+
+def compare(args, systems_fn=None, score=score_images, arena="flux"):
+    """The comparison on the ``arena`` pipeline: ``systems_fn(l2c_iters)`` the rows,
+    ``score(images, ref_images, labels, classifier)`` their quality columns (shared with
+    ``benchmarks/compare_video.py``)."""
     from omnicache.arena import load_digits_pipeline
     from omnicache.runtime.default import load_classifier
 
     torch.set_num_threads(args.threads)
     classifier = load_classifier()
-    base = load_digits_pipeline("flux")
+    base = load_digits_pipeline(arena)
     num_classes = base.omnicache_arena.num_classes
     have_cachedit = cache_dit_version() is not None
-    all_systems = [s for s in systems(args.l2c_iters) if not args.only or s.family == "uncached"
+    all_systems = [s for s in (systems_fn or systems)(args.l2c_iters) if not args.only or s.family == "uncached"
                    or any(o.lower() in s.name.lower() for o in args.only)]
     skipped = []
     if not have_cachedit:
@@ -506,7 +517,7 @@ def compare(args):
         ref_pipe = copy.deepcopy(base)
         ref = run_once(ref_pipe, ctx, ctx.eval_labels, ctx.seed)
         ref_tune = run_once(copy.deepcopy(base), ctx, ctx.eval_labels[:ctx.tune_samples], ctx.seed)
-        ref_acc = class_acc(classifier, ref.images, labels_t)
+        ref_acc = score(ref.images, ref.images, labels_t, classifier)["class_acc"]
         rows, errors, tunings = [], [], {}
         pipes = [("uncached", None, None, ref_pipe)]
         for s in all_systems:
@@ -519,6 +530,10 @@ def compare(args):
             try:
                 if s.prepare is not None:
                     s.prepare(ctx)
+                if s.knob is None:  # a fixed setting (a paper's operating point): one row, no target
+                    pipes.append((s.name, None, None, build(s, ctx, None, None)))
+                    log(f"   {s.name}: fixed setting")
+                    continue
                 tuner = Tuner(s, ctx, ref_tune.flops, args.bisect)
                 seen = set()
                 for target in args.targets:
@@ -570,13 +585,13 @@ def compare(args):
                 continue
             r = measured[i]
             wall = statistics.median(walls[i])
-            psnr = float(metrics.psnr(r.images, ref.images).mean()) if name != "uncached" else math.inf
             row = dict(system=name, family=name.split(":")[0], target=target, knob=knob,
-                       compute_fraction=r.flops / ref.flops, wall_s=wall, walls=walls[i], speedup=ref_wall / wall,
-                       ideal_speedup=ref.flops / r.flops, psnr=psnr,
-                       ssim=float(metrics.ssim(r.images, ref.images).mean()),
-                       class_acc=class_acc(classifier, r.images, labels_t),
+                       compute_fraction=r.flops / ref.flops, flops_per_sample=r.flops / len(ctx.eval_labels),
+                       wall_s=wall, walls=walls[i], speedup=ref_wall / wall, ideal_speedup=ref.flops / r.flops,
+                       **score(r.images, ref.images, labels_t, classifier),
                        syncs_per_step=r.syncs / steps, repeatable=not getattr(r, "unrepeatable", False))
+            if name == "uncached":
+                row["psnr"] = math.inf
             row["in_band"] = target is None or abs(row["compute_fraction"] - target) <= TOLERANCE
             last.setdefault((name, "measured"), {})[knob] = len(rows)
             rows.append(row)
@@ -585,7 +600,8 @@ def compare(args):
             reference_flops=ref.flops, reference_wall_s=ref_wall, seconds=round(time.perf_counter() - t_steps, 1),
             prepared={k: v for k, v in ctx.prepared.items() if k in ("mag_ratios_all",)},
             teacache=dataclasses.asdict(ctx.prepared["teacache"]) if "teacache" in ctx.prepared else None)
-        report["per_steps"][str(steps)]["cached_step_cost"] = cached_step_cost(ctx, args.cost_rounds)
+        if args.cost_rounds > 0:
+            report["per_steps"][str(steps)]["cached_step_cost"] = cached_step_cost(ctx, args.cost_rounds)
         if args.compile:
             comp = {}
             for s in all_systems:
@@ -736,27 +752,48 @@ def merge(paths, stem):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 4 samples, target 0.5, 1 round")
-    p.add_argument("--steps", type=int, nargs="+", default=[28, 50])
-    p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--tune-samples", type=int, default=16)
+def add_arguments(p, steps, samples, tune_samples, targets, out):
+    """The options compare_diffusers.py and compare_video.py share, with their defaults."""
+    p.add_argument("--steps", type=int, nargs="+", default=steps)
+    p.add_argument("--samples", type=int, default=samples)
+    p.add_argument("--tune-samples", type=int, default=tune_samples)
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-seed", type=int, default=1234)
-    p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    p.add_argument("--targets", type=float, nargs="+", default=list(targets))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--bisect", type=int, default=8)
-    p.add_argument("--cost-rounds", type=int, default=10)
     p.add_argument("--l2c-iters", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="*", help="only systems whose name contains one of these")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile-backend", default="eager")
     p.add_argument("--compile-steps", type=int, default=4)
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/diffusers-comparison)")
+    p.add_argument("--out", default=None, help=f"output stem (default benchmarks/results/{out})")
     p.add_argument("--no-write", action="store_true")
+
+
+def record_run(report, args, script, argv, **versions):
+    """The run's command, date, device, versions and settings, into ``report``."""
+    import diffusers
+    report.update(
+        command=f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=dict(kind="cpu", processor=platform.processor() or platform.machine(), threads=args.threads,
+                    platform=platform.platform()),
+        versions=dict(torch=torch.__version__, diffusers=diffusers.__version__, **versions,
+                      python=platform.python_version()),
+        settings=dict(samples=args.samples, tune_samples=args.tune_samples, calib_samples=args.calib_samples,
+                      seed=args.seed, calib_seed=args.calib_seed, rounds=args.rounds, bisect=args.bisect,
+                      l2c_iters=args.l2c_iters, compile_backend=args.compile_backend,
+                      compile_steps=args.compile_steps, sync_methods=list(SYNC_METHODS)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 4 samples, target 0.5, 1 round")
+    add_arguments(p, [28, 50], 64, 16, TARGETS, "diffusers-comparison")
+    p.add_argument("--cost-rounds", type=int, default=10)
     p.add_argument("--merge", nargs="+", help="merge these JSON reports into --out and exit")
     args = p.parse_args(argv)
     if args.merge:
@@ -765,18 +802,7 @@ def main(argv=None):
         args.steps, args.samples, args.tune_samples, args.calib_samples = [8], 4, 4, 2
         args.targets, args.rounds, args.bisect, args.l2c_iters, args.compile_steps, args.cost_rounds = [0.5], 1, 3, 2, 2, 1
     report = compare(args)
-    import diffusers
-    report.update(
-        command="python benchmarks/compare_diffusers.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=dict(kind="cpu", processor=platform.processor() or platform.machine(), threads=args.threads,
-                    platform=platform.platform()),
-        versions=dict(torch=torch.__version__, diffusers=diffusers.__version__, cache_dit=cache_dit_version(),
-                      python=platform.python_version()),
-        settings=dict(samples=args.samples, tune_samples=args.tune_samples, calib_samples=args.calib_samples,
-                      seed=args.seed, calib_seed=args.calib_seed, rounds=args.rounds, bisect=args.bisect,
-                      l2c_iters=args.l2c_iters, compile_backend=args.compile_backend,
-                      compile_steps=args.compile_steps, sync_methods=list(SYNC_METHODS)))
+    record_run(report, args, "compare_diffusers.py", argv, cache_dit=cache_dit_version())
     for block in report["per_steps"].values():
         block["targets_check"] = targets_check(block)
     for s in report["skipped"]:
