@@ -35,7 +35,7 @@ from . import ops
 from .filters import filter_delta
 
 __all__ = ["COMPUTE", "STORE", "REUSE", "unit_actions", "plan_order", "CacheUnit", "relative_change",
-           "relative_change_device", "per_sample_rel", "DeviceDecisions", "select_rows", "RunSummary"]
+           "relative_change_device", "per_sample_rel", "DeviceDecisions", "select_rows", "RunSummary", "TokenCache"]
 
 COMPUTE, STORE, REUSE = 0, 1, 2  # static actions per cache unit and step
 
@@ -343,4 +343,51 @@ class RunSummary:
                 per = per_sample_rel(store, self.rows_per_sample).tolist()
             d["residual_rel_l1"] = per
             out.append(d)
+        return out
+
+
+class TokenCache:
+    """One unit's per-token cache (ToCa, :class:`omnicache.policies.ToCaConfig`), shared by
+    both engines: the residual ``F`` (rows, tokens, channels) and each token's staleness
+    (steps since it was last computed).
+
+    ``full(out, inp)`` stores a full step; ``partial(run, h, keep, weight)`` recomputes the
+    ``keep`` tokens of each row with the highest score ``staleness / max staleness + weight
+    * |F_n| / mean |F|`` (ties toward the lower index; ``topk`` on the device, no host
+    sync): ``run`` gets them gathered (:func:`omnicache.ops.gather_tokens`) and returns
+    its output for them; :func:`omnicache.ops.token_update_` writes their new residuals
+    and returns every token's output (the others: ``h + F``)."""
+
+    def __init__(self):
+        self.F = self.stale = None
+
+    def reset(self):
+        self.F = self.stale = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def tensors(self) -> list:
+        return [t for t in (self.F, self.stale) if t is not None]
+
+    def full(self, out, inp):
+        self.F = (out - inp).contiguous()
+        self.stale = torch.zeros(inp.shape[:2], dtype=torch.float32, device=inp.device)
+        return out
+
+    def select(self, keep: int, weight: float):
+        n = self.F.shape[1]
+        mag = self.F.abs().mean(dim=-1, dtype=torch.float32)
+        score = self.stale / self.stale.amax(dim=1, keepdim=True).clamp_min(1.0) \
+            + weight * mag / mag.mean(dim=1, keepdim=True).clamp_min(1e-12)
+        score = score - torch.arange(n, device=score.device, dtype=torch.float32) * 1e-7  # ties: lower index
+        return score.topk(keep, dim=1, sorted=True).indices.sort(dim=1).values
+
+    def partial(self, run, h, keep: int, weight: float):
+        h = h.contiguous()
+        idx = self.select(keep, weight)
+        out = ops.token_update_(self.F, idx, run(ops.gather_tokens(h, idx)).contiguous(), h)
+        self.stale += 1
+        self.stale.scatter_(1, idx, 0.0)
         return out

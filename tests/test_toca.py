@@ -58,3 +58,22 @@ def test_toca_config_and_unsupported_blocks():
     model, shape, inputs = dm.make("Flux")  # joint blocks return two streams
     with pytest.raises(TypeError, match="token-wise caching needs blocks that return hidden_states alone"):
         _run(model, shape, inputs, ToCaConfig(interval=2, ratio=0.5))
+
+
+def test_toca_on_our_runtime():
+    """Our DiT: ratio 0 is uncached sampling bit for bit; R = 0.5 spends what it should."""
+    from omnicache.runtime.default import load_default
+    from omnicache.runtime.executor import CacheExecutor
+
+    model = load_default()
+    labels = torch.tensor([0, 1, 2])
+    ref = CacheExecutor(model, labels, None, steps=12).run(seed=1)[0]
+    same, summary0 = CacheExecutor(model, labels, ToCaConfig(interval=3, ratio=0.0), steps=12).run(seed=1)
+    assert torch.equal(same, ref) and summary0.compute_fraction == pytest.approx(1.0)
+    cfg = ToCaConfig(interval=3, ratio=0.5)
+    out, summary = CacheExecutor(model, labels, cfg, steps=12).run(seed=1)
+    assert not torch.equal(out, ref) and torch.isfinite(out).all()
+    partial = cfg.full_steps(12).count(False)
+    assert 1 - partial / 12 * 0.5 - 0.05 < summary.compute_fraction < 1 - partial / 12 * 0.5 + 0.01
+    again = CacheExecutor(model, labels, cfg, steps=12).run(seed=1)[0]
+    assert torch.equal(out, again)

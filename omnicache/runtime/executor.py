@@ -47,12 +47,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 
 import torch
 
-from ..cache import (COMPUTE, REUSE, STORE, CacheUnit, DeviceDecisions, RunSummary, plan_order, relative_change,
-                     select_rows, unit_actions)
+from ..cache import (COMPUTE, REUSE, STORE, CacheUnit, DeviceDecisions, RunSummary, TokenCache, plan_order,
+                     relative_change, select_rows, unit_actions)
 from ..filters import filter_delta
 from ..plan import DEFAULT_BRANCHES, CachePlan
 from .samplers import cfg_batch, cfg_combine, cfg_labels, make_sampler
@@ -97,7 +98,7 @@ class CacheExecutor:
                 policy = dataclasses.replace(policy, granularity=granularity)  # validated again
             self.plan, self.decider = policy, None
             policy.check_matches(model, steps)
-        elif getattr(policy, "kind", None) not in ("static", "dynamic"):
+        elif getattr(policy, "kind", None) not in ("static", "dynamic", "token"):
             raise TypeError(f"policy must be a CachePlan, a policy config or None, got {type(policy).__name__}")
         elif policy.kind == "static":
             if hasattr(policy, "calibrate"):  # plans fitted on the model itself (OmniCache)
@@ -107,6 +108,8 @@ class CacheExecutor:
                 plan = policy.plan(steps, depth, granularity=granularity)
             self.plan, self.decider = plan, None
             self.plan.check_matches(model, steps)
+        elif policy.kind == "token":  # ToCa: full steps, and steps that recompute a share of the tokens
+            self.plan, self.decider = None, None
         else:
             if getattr(policy, "moreg", False):
                 raise ValueError(f"{type(policy).__name__}.moreg: motion regularisation needs a video model; "
@@ -114,7 +117,11 @@ class CacheExecutor:
             self.plan, self.decider = None, policy.decider(steps, depth, granularity=granularity)
         self.policy_name = type(policy).__name__.removesuffix("Config")
         self._device, self._device_wall = None, None  # mode="device": the decision's device state
-        if self.plan is not None:
+        self.token = policy if self.plan is None and self.decider is None else None
+        if self.token is not None:
+            self.granularity, self._token_full = "block", policy.full_steps(steps)
+            self._cache = {b: TokenCache() for b in range(depth)}
+        elif self.plan is not None:
             self.policy_name = self.plan.meta.get("policy", self.policy_name)
             # named branches (PAB, T-GATE): our DiT's blocks have one self-attention and an MLP
             self.plan = self.plan.for_branches(DEFAULT_BRANCHES) if self.plan.granularity == "branch" else self.plan
@@ -268,6 +275,22 @@ class CacheExecutor:
                 if acts[u] == STORE:
                     stats.append(self._store_residual(i, u, h, inp))
         return self._finish(i, x, h, c), tuple(stats)
+
+    def _token_step(self, i, x):
+        """ToCa's step ``i``: every block on every token (full) or on the top share of its
+        tokens, the others reusing their cached residual (:class:`omnicache.cache.TokenCache`)."""
+        h, c = self._embed(i, x)
+        for b, blk in enumerate(self.blocks):
+            cache = self._cache[b]
+            if self._token_full[i] or cache.F is None:
+                h = cache.full(blk(h, c), h)
+            else:
+                h = cache.partial(lambda sub, blk=blk: blk(sub, c), h, self._token_keep, self.token.magnitude_weight)
+        return self._finish(i, x, h, c), ()
+
+    @property
+    def _token_keep(self) -> int:
+        return max(1, math.ceil((1.0 - self.token.ratio) * self.model.config.num_tokens))
 
     def _reuse_residual(self, i, u, h):
         """``h += F + gamma * D1 + gamma2 * D2`` in place (D1, D2 filtered if the plan filters)."""
@@ -443,9 +466,10 @@ class CacheExecutor:
             self._sync()
             self._device_wall = time.perf_counter() - t0
             return x, self.summary() if summary else None
-        if self.plan is not None:
+        if self.plan is not None or self.token is not None:
+            step = self._static_step if self.token is None else self._token_step
             for i in range(steps):
-                x, stats = self._static_step(i, x)
+                x, stats = step(i, x)
                 raw.append(stats)
         else:
             self._ref = None
@@ -461,6 +485,11 @@ class CacheExecutor:
         if self.plan is not None:
             flops = self.plan.compute_fraction(f) * uncached
             decisions = self.plan.compute_tensor().float()
+        elif self.token is not None:  # a partial step runs the share of the tokens through every block
+            share = [1.0 if full else self._token_keep / self.model.config.num_tokens for full in self._token_full]
+            block = f["block_attn"] + f["block_mlp"] + f["block_modulation"]
+            flops = float(rows * sum(f["embed"] + f["final"] + depth * block * s for s in share))
+            decisions = torch.tensor(share, dtype=torch.float32)[:, None, None].expand(steps, depth, 2).clone()
         else:
             dec = self.decider
             block = f["block_attn"] + f["block_mlp"] + f["block_modulation"]
