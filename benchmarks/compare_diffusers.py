@@ -209,13 +209,13 @@ def install_teacache(pipe, knob, ctx, target):
     _oc().enable(pipe, dataclasses.replace(ctx.prepared["teacache"], threshold=knob))
 
 
-def install_omnicache(correction):
+def install_omnicache(correction, filtering=False):
     def install(pipe, knob, ctx, target):
         from omnicache.policies import OmniCacheConfig
-        key = ("omnicache", correction, knob)
+        key = ("omnicache", correction, filtering, knob)
         if key not in ctx.prepared:
             calib = copy.deepcopy(ctx.base)
-            cfg = OmniCacheConfig(compute_fraction=knob, correction=correction)
+            cfg = OmniCacheConfig(compute_fraction=knob, correction=correction, filtering=filtering)
             ctx.prepared[key] = _oc().calibrate(calib, cfg, progress=ctx.progress, **ctx.calib_call_kwargs(calib))
         _oc().enable(pipe, ctx.prepared[key])
     return install

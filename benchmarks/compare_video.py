@@ -15,7 +15,8 @@ Rows (as Table 1, plus ours and diffusers' hooks): uncached; Δ-DiT; T-GATE (its
 gate, 0.6 of the steps, and tuned by its partial self-attention caching before the gate); PAB-slow and PAB-fast (fixed) and PAB tuned (the slow
 pyramid scaled); TeaCache (``oc.fit_teacache``) and MagCache (``oc.fit_magcache``),
 tuned; DBCache F1B0 (our FirstBlockCache); OmniCache + correction at 0.5 (OmniCache-slow)
-and 0.4 (OmniCache-fast), reuse-only OmniCache; FORA, TaylorSeer, L2C; diffusers'
+and 0.4 (OmniCache-fast), reuse-only OmniCache, and OmniCache + correction + stage-aware
+filtering over the (frames, rows, columns) token grid (the filtering ablation); FORA, TaylorSeer, L2C; diffusers'
 PyramidAttentionBroadcast and FasterCache; AdaCache-fast, -fast with MoReg, -slow (fixed
 codebooks) and tuned (codebook scale); ToCa at R = 85% (full steps every 3) and tuned (R).
 
@@ -129,6 +130,9 @@ def systems(l2c_iters: int):
         System("ours: L2C", "ours", cd.install_l2c(l2c_iters), ("compute_fraction", "target", 0, 1)),
         System("ours: OmniCache reuse only", "ours", cd.install_omnicache(False), ("compute_fraction", "target", 0, 1)),
         System("ours: OmniCache + correction", "ours", cd.install_omnicache(True), ("compute_fraction", "target", 0, 1)),
+        System("ours: OmniCache + correction + filtering", "ours", cd.install_omnicache(True, filtering=True),
+               ("compute_fraction", "target", 0, 1),
+               note="the ablation: stage-aware filtering of the drifts over the (frames, rows, columns) grid"),
         System("diffusers: PyramidAttentionBroadcast", "diffusers", cd.diffusers_hook(dpab),
                ("spatial_attention_block_skip_range", "int", 1, 12),
                note="spatial n, temporal n + 2, cross n + 4; diffusers' default windows"),
@@ -181,7 +185,8 @@ def targets_check(block):
         if not omni:
             continue
         o = omni[0]
-        others = [r for r in block["rows"] if r["system"] not in ("uncached", "ours: OmniCache + correction")
+        others = [r for r in block["rows"] if r["system"] not in ("uncached", "ours: OmniCache + correction",
+                                                                  "ours: OmniCache + correction + filtering")
                   and r["compute_fraction"] <= o["compute_fraction"] + 1e-9 and not math.isinf(r["psnr"])]
         best = max(others, key=lambda r: r["psnr"], default=None)
         out[str(target)] = dict(
@@ -190,6 +195,11 @@ def targets_check(block):
             best_other_psnr=best and best["psnr"], margin_db=best and o["psnr"] - best["psnr"],
             psnr_met=best is None or o["psnr"] - best["psnr"] >= 1.0,
             acc_drop=block["reference_acc"] - o["class_acc"], acc_met=block["reference_acc"] - o["class_acc"] <= 0.02)
+        filt = [r for r in block["rows"] if r["system"] == "ours: OmniCache + correction + filtering"
+                and r["target"] == target]
+        if filt:  # the ablation: what stage-aware filtering adds at the same target
+            out[str(target)].update(filtering_compute=filt[0]["compute_fraction"], filtering_psnr=filt[0]["psnr"],
+                                    filtering_gain_db=filt[0]["psnr"] - o["psnr"])
     return out
 
 

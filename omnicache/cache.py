@@ -68,7 +68,9 @@ def unit_actions(compute: list[list[bool]], order: int) -> list[list[int]]:
 # ------------------------------------------------------------------ buffers
 class CacheUnit:
     """The buffers of one cache unit: ``F``, ``D1`` (order >= 1), ``D2`` (order 2), and the
-    filtered ``D1``/``D2`` when ``filtering=(grid, setting)``.
+    filtered ``D1``/``D2`` when ``filtering=(grid, setting)`` or ``(grid, setting, (to_grid,
+    from_grid))``, the last for units whose tokens are not laid out ``[B, grid tokens, D]``
+    (a video model's temporal blocks).
 
     Buffers are allocated by :meth:`allocate` (before a loop, so a compiled step sees
     fixed tensors) or on the first :meth:`store` (``like`` gives shape, dtype, device).
@@ -117,10 +119,15 @@ class CacheUnit:
             self.allocate(out)
         stats = ops.store_residual_(self.F, self.D1, out, inp, self.D2)
         if self.D1f is not None:  # once per full step; D1/D2 stay raw for the next differences
-            grid, setting = self.filtering
+            grid, setting, *layout = self.filtering
+            # layout: (to_grid, from_grid) when the unit's tokens are not laid out [B, grid tokens, D]
+            to_grid, from_grid = layout[0] if layout and layout[0] else (None, None)
             for raw, filtered in ((self.D1, self.D1f), (self.D2, self.D2f)):
                 if filtered is not None:
-                    filtered.copy_(filter_delta(raw, grid, progress, **setting))
+                    if to_grid is None:
+                        filtered.copy_(filter_delta(raw, grid, progress, **setting))
+                    else:
+                        filtered.copy_(from_grid(filter_delta(to_grid(raw), grid, progress, **setting)))
         return stats
 
     def drifts(self):

@@ -202,3 +202,40 @@ def test_latte_calibration_router_and_magcache():
     assert len(cfg.mag_ratios) == STEPS and cfg.mag_ratios[0] == 1.0
     _, s = _final_error(m, cfg, run, run())
     assert s.compute_fraction < 1.0
+
+
+def test_latte_stage_aware_filtering_over_frames_rows_columns():
+    """On Latte the drifts are filtered over the (frames, rows, columns) token grid: each
+    block's unit maps its layout (spatial (B*F, H*W, D), temporal (B*H*W, F, D)) to the grid
+    and back; the plan records the grid; Flux (no such grid) refuses filtering."""
+    from omnicache.integrations.diffusers.install import runtime_of
+
+    m, shape, inputs = dm.make("Latte")
+
+    def run(seed=0):
+        return dm.sample(m, shape, inputs, STEPS, seed=seed)[-1]
+    cfg = OmniCacheConfig(compute_fraction=0.5, filtering=True)
+    plan = oc.calibrate(m, cfg, run=run, steps=STEPS, progress=False)
+    f, h, w = grid = (2, 4, 4)  # video_length 2, sample 8 / patch 2
+    assert plan.meta["filter"]["grid"] == list(grid) and plan.meta["filtering"]
+    oc.enable(m, plan, steps=STEPS)
+    try:
+        out = run(5)
+        _, rt = runtime_of(m)
+        filtered = [u for u, unit in enumerate(rt.contexts[None].units)
+                    if unit.get("hidden_states") is not None and unit["hidden_states"].D1f is not None]
+        assert {rt.bound[rt.units[u][0]].temporal for u in filtered} == {False, True}  # both layouts
+        for u in filtered:
+            to_grid, from_grid = rt._grid_layout(u)
+            D1 = rt.contexts[None].units[u]["hidden_states"].D1
+            assert torch.equal(from_grid(to_grid(D1)), D1)
+        t = next(u for u in filtered if rt.bound[rt.units[u][0]].temporal)
+        x = torch.randn(2 * h * w, f, 8)  # a temporal block's layout: row b*H*W + hw, frame t
+        g = rt._grid_layout(t)[0](x)  # the grid's token (t*H + y)*W + c
+        assert torch.equal(g[1, 1 * h * w + 5], x[h * w + 5, 1])
+    finally:
+        oc.disable(m)
+    assert torch.isfinite(out).all()
+    mf, _, _ = dm.make("Flux")
+    with pytest.raises(ValueError, match="OmniCacheConfig.filtering"):
+        oc.calibrate(mf, cfg, run=lambda: None, steps=STEPS, progress=False)

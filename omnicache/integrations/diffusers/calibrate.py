@@ -46,6 +46,7 @@ from tqdm import tqdm
 from ...plan import model_fingerprint
 from ...policies.omnicache.fit import residual_after_fit, solve_normal
 from .install import disable, enable, runtime_of, split
+from .runtime import video_grid
 
 __all__ = ["calibrate", "fit_gamma", "DiffusersEngine", "ResidualCorrector"]
 
@@ -247,7 +248,7 @@ class DiffusersEngine:
     ``steps``, ``blocks``, ``samples``, ``latents``, ``residuals``, ``grid``,
     ``corrector(...)``, ``fit(...)``, ``replay_error(...)``, ``meta()``."""
 
-    grid = None  # the token layout is the model's own: no stage-aware filtering here
+    grid = None  # the (F, H, W) token grid of a video model (Latte): stage-aware filtering
     samples = 1  # the user's call is one unit: no held-out half (no schedule search)
 
     def __init__(self, target, *, run=None, steps=None, progress=True, **call_kwargs):
@@ -301,6 +302,7 @@ class DiffusersEngine:
             restore()
             bar.close()
             self.steps = rt.steps
+            self.grid = rt.video_grid
             self._after_record(rt)
             disable(self.pipe if self.pipe is not None else self.transformer)
         self.blocks = rt.n
@@ -349,9 +351,11 @@ class DiffusersEngine:
 
     # ------------------------------------------------------------------ interface
     def corrector(self, order, max_consecutive, filtering):
-        if filtering:
-            raise ValueError("OmniCacheConfig.filtering needs the token grid, which diffusers models lay out "
-                             "their own way: not available here")
+        """The DP's cost; with filtering (video models) measured on the unfiltered drifts (the
+        closed-loop γ fit, :meth:`fit`, replays the filtered caches)."""
+        if filtering and self.grid is None:
+            raise ValueError("OmniCacheConfig.filtering needs the token grid: available on video models whose "
+                             "blocks lay out frames x rows x columns (LatteTransformer3DModel)")
         return ResidualCorrector(self.residuals, self.scale, order)
 
     def fit(self, compute, order, filtering, samples=slice(None)):
@@ -360,7 +364,7 @@ class DiffusersEngine:
 
         if order == 0:
             return [0.0] * self.steps, [0.0] * self.steps
-        plan = self.fit_plan(plan_for_schedule(compute, self.blocks, "step", order, None, None), order,
+        plan = self.fit_plan(plan_for_schedule(compute, self.blocks, "step", order, filtering, self.grid), order,
                              probe=False)
         return plan.gamma, plan.gamma2
 
@@ -432,8 +436,9 @@ def calibrate(pipe_or_transformer, config, *, run=None, steps: int | None = None
     Args:
         pipe_or_transformer: a diffusers pipeline (its call is the calibration run) or a
             supported transformer driven by ``run``.
-        config: ``OmniCacheConfig``; ``filtering`` is not available on diffusers models and
-            the schedule search (held-out half of a batch) is off: one call is one unit.
+        config: ``OmniCacheConfig``; ``filtering`` needs a video model's token grid (Latte;
+            the DP's cost is then measured unfiltered, the γ fit replays the filtered caches)
+            and the schedule search (held-out half of a batch) is off: one call is one unit.
         run: for a bare transformer, a function performing one sampling run with it.
         steps: the steps of one run (read from the pipeline's scheduler if None).
         **pipe_call_kwargs: what to call the pipeline with (the calibration inputs, e.g.
@@ -445,14 +450,17 @@ def calibrate(pipe_or_transformer, config, *, run=None, steps: int | None = None
     if not isinstance(config, OmniCacheConfig):
         raise TypeError(f"config must be an OmniCacheConfig, got {type(config).__name__} "
                         f"(Learning-to-Cache: train_router; TeaCache: fit_teacache)")
-    if config.filtering:
-        raise ValueError("OmniCacheConfig.filtering: not available on diffusers models (no token grid)")
     if config.selection == "curvature" and split(pipe_or_transformer)[1] is None:
         raise ValueError("OmniCacheConfig.selection='curvature' needs the latents: pass a pipeline")
+    transformer = split(pipe_or_transformer)[0]
+    if config.filtering and video_grid(transformer) is None:
+        raise ValueError(f"OmniCacheConfig.filtering: needs a video model's token grid (LatteTransformer3DModel), "
+                         f"not {type(transformer).__name__}")
     engine = DiffusersEngine(pipe_or_transformer, run=run, steps=steps, progress=progress, **pipe_call_kwargs)
     plan = build_plan(engine, compute_fraction=config.compute_fraction, warmup=config.warmup, tail=config.tail,
                       max_consecutive=config.max_consecutive, order=config.order if config.correction else 0,
-                      selection=config.selection, pca=config.pca, filtering=False, search=False, fit=config.fit,
+                      selection=config.selection, pca=config.pca, filtering=config.filtering, search=False,
+                      fit=config.fit,
                       granularity=config.granularity)
     plan.meta["config"] = dataclasses.asdict(dataclasses.replace(config, search=False))
     return plan

@@ -55,7 +55,17 @@ from .device import DeviceMode
 from .dynamic import HostMode
 from .tokens import TokenMode
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "video_grid"]
+
+
+def video_grid(transformer):
+    """The (frames, rows, columns) token grid of a video transformer whose blocks lay out
+    ``(batch x frames, rows x columns)`` / ``(batch x rows x columns, frames)`` (Latte), for
+    stage-aware filtering; None for the others."""
+    if type(transformer).__name__ != "LatteTransformer3DModel":
+        return None
+    side = transformer.config.sample_size // transformer.config.patch_size
+    return (transformer.config.video_length, side, side)
 
 
 @dataclasses.dataclass
@@ -137,6 +147,10 @@ class Runtime(HostMode, DeviceMode, TokenMode):
         self.step_actions = None
         self.norm1_out = self.inp0 = None
         self.last_rel, self.teacache, self.tail = None, False, 0
+        # the (frames, rows, columns) token grid of a video model whose blocks lay out
+        # (batch x frames, rows x columns) / (batch x rows x columns, frames): stage-aware filtering
+        self.video_grid = video_grid(transformer)
+        self.filtering = None
         # AdaCache's MoReg: frames of the first block's (batch x frames, tokens, channels) input
         self.moreg_frames = None
         if getattr(config, "moreg", False):
@@ -226,6 +240,14 @@ class Runtime(HostMode, DeviceMode, TokenMode):
             plan.check_model(self.transformer, self.n)
         self.plan = plan
         self.order = plan_order(plan)
+        setting = plan.meta.get("filter")
+        self.filtering = None
+        if setting and self.order >= 1:
+            if self.video_grid is None or tuple(setting.get("grid", ())) != self.video_grid or plan.granularity == "branch":
+                raise ValueError(f"CachePlan.meta.filter: stage-aware filtering needs a video model's token grid "
+                                 f"(LatteTransformer3DModel, step/block plans); got grid {setting.get('grid')} on "
+                                 f"{type(self.transformer).__name__} (grid {self.video_grid})")
+            self.filtering = {k: v for k, v in setting.items() if k != "grid"}
         if self.granularity == "branch":
             comp = [[row[b][k] for b in range(self.n) for k in range(self.nb)] for row in plan.compute]
         else:
@@ -383,8 +405,21 @@ class Runtime(HostMode, DeviceMode, TokenMode):
         if stream not in units or units[stream].F.shape != like.shape:
             # the first store of this context allocates (its own compiled variant); a run with
             # other shapes (another batch size or resolution) allocates anew
-            units[stream] = CacheUnit(self.order if self.kind == "static" else 0).allocate(like)
+            filt = None
+            if self.filtering is not None and stream == "hidden_states":
+                filt = (self.video_grid, self.filtering, self._grid_layout(u))
+            units[stream] = CacheUnit(self.order if self.kind == "static" else 0, filt).allocate(like)
         return units[stream]
+
+    def _grid_layout(self, u):
+        """``(to_grid, from_grid)`` between unit ``u``'s residual layout and ``[B, F*H*W, D]``:
+        a spatial block's is ``(B*F, H*W, D)`` (a reshape), a temporal block's ``(B*H*W, F, D)``."""
+        f, hh, ww = self.video_grid
+        if not self.bound[self.units[u][0]].temporal:
+            return (lambda x: x.reshape(-1, f * hh * ww, x.shape[-1]),
+                    lambda y: y.reshape(-1, hh * ww, y.shape[-1]))
+        return (lambda x: x.reshape(-1, hh * ww, f, x.shape[-1]).transpose(1, 2).reshape(-1, f * hh * ww, x.shape[-1]),
+                lambda y: y.reshape(-1, f, hh * ww, y.shape[-1]).transpose(1, 2).reshape(-1, f, y.shape[-1]))
 
     def _reuse_unit(self, k, u, inputs, g1, g2):
         lo, hi = self.units[u]
@@ -408,7 +443,8 @@ class Runtime(HostMode, DeviceMode, TokenMode):
         for name, x in outs.items():
             if x is None or ins.get(name) is None:
                 continue
-            stats = self._unit(u, name, x).store(x, ins[name])
+            progress = self.current.step / max((self.steps or 1) - 1, 1)
+            stats = self._unit(u, name, x).store(x, ins[name], progress)
             if name == "hidden_states":
                 self.stats_out[u] = stats
         self.inp[u] = None
