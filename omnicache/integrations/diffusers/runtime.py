@@ -443,7 +443,8 @@ class Runtime(HostMode, DeviceMode, TokenMode):
         for name, x in outs.items():
             if x is None or ins.get(name) is None:
                 continue
-            progress = self.current.step / max((self.steps or 1) - 1, 1)
+            # the step is read only where a unit filters (its cut-off moves with the progress)
+            progress = self.current.step / max((self.steps or 1) - 1, 1) if self.filtering is not None else 0.0
             stats = self._unit(u, name, x).store(x, ins[name], progress)
             if name == "hidden_states":
                 self.stats_out[u] = stats
