@@ -219,7 +219,8 @@ def plot(report, path):
                    and r.get("shared_with") is None]
             if pts:
                 ax.plot([r["compute_fraction"] for r in pts], [r["psnr"] for r in pts], linestyle="-", linewidth=0.8,
-                        marker="o" if pts[0]["family"] == "ours" else "s", color=cmap(k % 20), label=_name(pts[0]))
+                        marker="o" if pts[0]["family"] == "ours" else "s", color=cmap(k % 20),
+                        label=name.removeprefix("ours: "))
         ax.set_xlabel("compute fraction (linear FLOPs / uncached)")
         ax.set_ylabel("PSNR vs uncached (dB)")
         ax.set_title(f"Latte moving-digits arena, {block['steps']} steps")
