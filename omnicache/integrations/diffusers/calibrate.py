@@ -46,7 +46,7 @@ from tqdm import tqdm
 from ...plan import model_fingerprint
 from ...policies.omnicache.fit import residual_after_fit, solve_normal
 from .install import disable, enable, runtime_of, split
-from .runtime import video_grid
+from .video import video_grid
 
 __all__ = ["calibrate", "fit_gamma", "DiffusersEngine", "ResidualCorrector"]
 

@@ -51,21 +51,13 @@ from ...plan import DEFAULT_BRANCHES, CachePlan
 from ..distributed import context_parallel_group
 from . import accounting
 from .adapters import MODELS, model_blocks
+from .branches import BranchMode
 from .device import DeviceMode
 from .dynamic import HostMode
 from .tokens import TokenMode
+from .video import grid_layout, video_grid
 
 __all__ = ["Runtime", "video_grid"]
-
-
-def video_grid(transformer):
-    """The (frames, rows, columns) token grid of a video transformer whose blocks lay out
-    ``(batch x frames, rows x columns)`` / ``(batch x rows x columns, frames)`` (Latte), for
-    stage-aware filtering; None for the others."""
-    if type(transformer).__name__ != "LatteTransformer3DModel":
-        return None
-    side = transformer.config.sample_size // transformer.config.patch_size
-    return (transformer.config.video_length, side, side)
 
 
 @dataclasses.dataclass
@@ -95,7 +87,7 @@ class _Context:
         self.stored = [False] * self.n_units
 
 
-class Runtime(HostMode, DeviceMode, TokenMode):
+class Runtime(HostMode, DeviceMode, TokenMode, BranchMode):
     """Everything :func:`.install.enable` installs on one transformer (see the module docstring;
     dynamic policies' ``mode="device"``: :mod:`.device`)."""
 
@@ -412,14 +404,9 @@ class Runtime(HostMode, DeviceMode, TokenMode):
         return units[stream]
 
     def _grid_layout(self, u):
-        """``(to_grid, from_grid)`` between unit ``u``'s residual layout and ``[B, F*H*W, D]``:
-        a spatial block's is ``(B*F, H*W, D)`` (a reshape), a temporal block's ``(B*H*W, F, D)``."""
-        f, hh, ww = self.video_grid
-        if not self.bound[self.units[u][0]].temporal:
-            return (lambda x: x.reshape(-1, f * hh * ww, x.shape[-1]),
-                    lambda y: y.reshape(-1, hh * ww, y.shape[-1]))
-        return (lambda x: x.reshape(-1, hh * ww, f, x.shape[-1]).transpose(1, 2).reshape(-1, f * hh * ww, x.shape[-1]),
-                lambda y: y.reshape(-1, f, hh * ww, y.shape[-1]).transpose(1, 2).reshape(-1, f, y.shape[-1]))
+        """``(to_grid, from_grid)`` between unit ``u``'s residual layout and ``[B, F*H*W, D]``
+        (:func:`.video.grid_layout`)."""
+        return grid_layout(self.video_grid, self.bound[self.units[u][0]].temporal)
 
     def _reuse_unit(self, k, u, inputs, g1, g2):
         lo, hi = self.units[u]
@@ -502,36 +489,6 @@ class Runtime(HostMode, DeviceMode, TokenMode):
             else:
                 values[n] = x
         return self.bound[k].pack(values)
-
-    # ---------------------------------------------------------------- branch plans
-    def branch_forward(self, k, kind, j, orig, module, *args, **kwargs):
-        """A branch submodule's ``forward`` (branch ``kind`` of block ``k``, its ``j``-th
-        submodule): at a reuse step its cached pre-gate output (``F + γ1 D1 + γ2 D2``, the
-        block applies the current gate); at a store step it runs and its output is stored."""
-        u = self.nb * k + kind
-        act = self.step_actions[u]
-        key = (k, kind, j)
-        if act == REUSE:
-            if isinstance(module, torch.nn.Linear) and not torch.compiler.is_compiling():
-                self.skip_count = module  # a Linear branch's own FLOP hook still fires: it counts nothing
-            units = self.current.units[u]
-            g1 = self.gamma_t if self.use_g1 else None
-            g2 = self.gamma2_t if self.use_g2 else None
-            n = self.branch_shape[key]
-            if n is None:
-                return units[(j, 0)].forecast(g1, g2)
-            return tuple(units[(j, e)].forecast(g1, g2) if (j, e) in units else None for e in range(n))
-        out = orig(*args, **kwargs)
-        if act == STORE:
-            single = isinstance(out, torch.Tensor)
-            if key not in self.branch_shape:
-                self.branch_shape[key] = None if single else len(out)
-            for e, x in enumerate((out,) if single else out):
-                if isinstance(x, torch.Tensor):
-                    stats = self._unit(u, (j, e), x).store(x)
-                    if j == e == 0:
-                        self.stats_out[u] = stats
-        return out
 
     # --------------------------------------------------------------------------- summary
     def plan_fraction(self) -> float | None:
