@@ -29,6 +29,9 @@
 # ran passed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Python must not put the checkout's root on sys.path: its kernels/ folder (installed as
+# omnicache.kernels) would shadow the `kernels` package transformers >= 5 imports.
+export PYTHONSAFEPATH=1
 ROOT=$PWD
 OUT=${OUT:-$ROOT/out/gpu}
 PY=${PYTHON:-python3}  # the machine's python with its CUDA torch

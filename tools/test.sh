@@ -11,6 +11,9 @@
 #    cache-dit, installed by tools/install_peers.sh, so the diffusers comparison runs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Python must not put the checkout's root on sys.path: its kernels/ folder (installed as
+# omnicache.kernels) would shadow the `kernels` package transformers >= 5 imports.
+export PYTHONSAFEPATH=1
 bash tools/bootstrap.sh
 PY=.venv/bin/python
 
