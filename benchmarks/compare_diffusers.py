@@ -34,7 +34,9 @@ Tuning (the same search for every system): each system's knob is set so that its
 fraction on the *tuning batch* (the first ``--tune-samples`` samples of the evaluation
 inputs) lands within ±0.03 of each target; integer knobs are scanned upward (stopping once
 below the target band), float knobs bisected (at most ``--bisect`` evaluations, stopping
-within ±0.01), every evaluated point memoised per system so later targets start from a
+within ±0.01; a threshold's ``hi`` is only the first bracket, widened 4x up to four times while
+the fraction stays above the target; a knob marked bounded, such as ToCa's reused share R,
+never leaves its range), every evaluated point memoised per system so later targets start from a
 bracket. A system that cannot reach a target reports the nearest point it reaches. OmniCache
 and L2C take the target itself as their knob (their plans are cut to a FLOP fraction, in
 whole steps); where that lands outside ±0.03 (OmniCache rounds its computed steps up), the
@@ -171,7 +173,9 @@ class System:
     name: str
     family: str  # "uncached", "ours", "diffusers", "cache-dit"
     install: object  # (pipe, knob, ctx, target) -> None
-    knob: tuple | None = None  # (name, "int"|"float"|"target", lo, hi); None: one fixed-setting row
+    # (name, "int"|"float"|"target", lo, hi[, bounded]); None: one fixed-setting row. A float
+    # knob's hi is widened by the search unless bounded is True (a hard limit, e.g. a share)
+    knob: tuple | None = None
     prepare: object = None  # (ctx) -> None, once per step count (calibration runs)
     note: str = ""
 
@@ -388,7 +392,8 @@ class Tuner:
         return self.memo[knob]
 
     def tune(self, target):
-        name, kind, lo, hi = self.system.knob
+        name, kind, lo, hi = self.system.knob[:4]
+        bounded = len(self.system.knob) > 4 and self.system.knob[4]
         if kind == "target":  # a FLOP fraction, quantised to whole steps: try one step either way
             f = self.fraction(target, target)
             if abs(f - target) > TOLERANCE:
@@ -412,6 +417,9 @@ class Tuner:
             lo = max(lo, max(above))
         if below:
             hi = min(hi, min(below))
+        elif bounded:  # the range's end is the last point to try
+            if self.fraction(hi, target) > target:
+                return min(self.memo, key=lambda k: (abs(self.memo[k] - target), k))
         else:
             for _ in range(4):  # widen until the fraction drops below the target
                 if self.fraction(hi, target) <= target:

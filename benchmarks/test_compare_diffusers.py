@@ -43,3 +43,19 @@ def test_quick_smoke():
         assert "cache-dit: DBCache F1B0" in rows  # runs (8 steps stay inside its 8 warm-up steps)
     else:
         assert any(s["system"].startswith("cache-dit") for s in report["skipped"])
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_tuner_widens_only_unbounded_float_knobs(bounded):
+    """The shared search widens a threshold past its first bracket, and keeps a bounded knob
+    (ToCa's reused share R) within its range, returning the nearest point it reached."""
+    cd = _module()
+    knob = ("x", "float", 0.0, 1.0, True) if bounded else ("x", "float", 0.0, 1.0)
+    system = cd.System("fake", "ours", None, knob)
+    tuner = cd.Tuner(system, ctx=None, ref_flops=1.0, bisect=8)
+    tuner.fraction = lambda k, target: tuner.memo.setdefault(k, 1.0 / (1.0 + k))  # falls as the knob grows
+    best = tuner.tune(0.4)  # reached at x = 1.5, beyond the first bracket
+    if bounded:
+        assert max(tuner.memo) <= 1.0 and best == 1.0
+    else:
+        assert max(tuner.memo) > 1.0 and abs(1.0 / (1.0 + best) - 0.4) <= cd.TOLERANCE
