@@ -79,16 +79,17 @@ def test_moving_digits_bounce_inside_the_canvas():
 
 
 def test_per_frame_class_accuracy_of_uncached_clips(pipe):
-    """The class reaches the frames through cross-attention: well above chance (0.1), and
-    more with stronger guidance. (The shipped model is below the 80% bar the arena aims at:
-    see the README's arena record.)"""
+    """The arena's bar: the digit classifier recognises >= 80% of uncached frames as their
+    class at the shipped guidance (here 10 clips, 80 frames, 20 steps); the class reaches the
+    frames through cross-attention, so guidance helps."""
     from omnicache.arena.train import sample_accuracy
     from omnicache.runtime.default import load_classifier
 
     clf = load_classifier()
     weak = sample_accuracy(pipe, clf, 10, steps=20, seed=3, guidance=1.0)
-    strong = sample_accuracy(pipe, clf, 10, steps=20, seed=3, guidance=4.0)
-    assert strong >= 0.3 and strong > weak
+    shipped = sample_accuracy(pipe, clf, 10, steps=20, seed=3)
+    assert pipe.omnicache_arena.true_cfg_scale > 1
+    assert shipped >= 0.8 and shipped > weak
 
 
 def test_damaged_package_data_names_the_field(tmp_path):
