@@ -160,3 +160,18 @@ def test_train_command_writes_what_the_loader_reads(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["sd3", "--out", str(out)])
     assert "name must be one of flux, latte" in capsys.readouterr().err
+
+
+def test_train_per_arena_defaults_and_min_snr_checks(capsys):
+    """Latte trains Min-SNR-5 weighted and ships guidance 4 unless told otherwise; Flux's
+    rectified-flow loss has no SNR weighting, so --min-snr is refused there, by name."""
+    from omnicache.arena import train
+
+    latte, flux = train.parse_args(["latte"]), train.parse_args(["flux"])
+    assert (latte.min_snr, latte.guidance, latte.steps) == (5.0, 4.0, 9000)
+    assert (flux.min_snr, flux.guidance, flux.steps) == (0.0, 2.0, 1800)
+    assert train.parse_args(["latte", "--min-snr", "0", "--guidance", "2"]).min_snr == 0.0
+    for argv in (["flux", "--min-snr", "5"], ["latte", "--min-snr", "-1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert "--min-snr must be >= 0" in capsys.readouterr().err
