@@ -21,7 +21,7 @@ import torch
 from .metrics import to_unit
 from .runtime.executor import CacheExecutor, RunSummary
 
-__all__ = ["generate", "GenerateResult"]
+__all__ = ["generate", "GenerateResult", "resolve_device"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def generate(model, labels, *, policy=None, steps: int = 50, sampler="flow", gui
     if param.device.type == "meta":
         raise ValueError("model: its weights are on the 'meta' device (no values); load the model again")
     if device is not None:
-        target = _device(device)
+        target = resolve_device(device)
         if target != param.device:
             model = copy.deepcopy(model).to(target)
     device = next(model.parameters()).device
@@ -106,8 +106,15 @@ def generate(model, labels, *, policy=None, steps: int = 50, sampler="flow", gui
     return GenerateResult(to_unit(x), summary)
 
 
-def _device(device) -> torch.device:
-    """``device`` as a concrete torch device this process can allocate on (not ``meta``)."""
+def resolve_device(device) -> torch.device:
+    """``device`` (a string such as ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or a
+    :class:`torch.device`) as a concrete torch device this process can allocate on:
+    ``"cuda"`` resolves to ``cuda:<current>``.
+
+    Raises:
+        ValueError: not a torch device, ``meta`` (it holds no values), or a device this
+            torch cannot use here (``"cuda"`` without a GPU).
+    """
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:

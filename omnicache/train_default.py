@@ -8,21 +8,22 @@ Two models, both on the same fixed train split (the held-out split is never trai
 2. a compact CNN digit classifier, for the class-accuracy metric.
 
 Writes ``default_dit.safetensors`` (EMA, float16), ``digit_classifier.safetensors`` and
-``default_model.json`` to ``--out-dir`` and prints the classifier's held-out accuracy and
+``default_model.json`` to ``out_dir`` and prints the classifier's held-out accuracy and
 the class accuracy of guided uncached samples for both samplers.
 
-    python -m omnicache.train_default --steps 1200 --threads 1 --out-dir omnicache/data
+    omnicache train-default --steps 1200 --threads 1 --out-dir omnicache/data
 
+or, from Python, ``train(DefaultTrainingSettings(steps=1200, threads=1))``.
 Deterministic given the seed and the number of CPU threads.
 """
 
-import argparse
+from __future__ import annotations
+
 import copy
 import dataclasses
 import datetime
 import json
 import math
-import shlex
 import time
 from pathlib import Path
 
@@ -37,8 +38,40 @@ from .runtime.default import DEFAULT_JSON, FORMAT_VERSION, DigitClassifier, load
 from .runtime.model import DiT, DiTConfig
 from .runtime.samplers import sample
 
-SPLIT_SEED = 0  # the train/held-out split never changes with --seed
+SPLIT_SEED = 0  # the train/held-out split never changes with the training seed
 HELDOUT_FRACTION = 0.2
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultTrainingSettings:
+    """What :func:`train` does (``omnicache train-default`` takes the same options, with
+    dashes). Checked on construction: a bad value raises ``ValueError`` naming the field."""
+
+    steps: int = 1200  # DiT optimisation steps
+    seed: int = 0
+    out_dir: Path = DEFAULT_OUT_DIR  # where the three files are written
+    device: str = "cpu"
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.998
+    hidden_size: int = 128
+    depth: int = 8
+    num_heads: int = 4
+    shift_prob: float = 0.0  # probability of a 1-px shift per DiT sample
+    classifier_steps: int = 1500
+    classifier_width: int = 32
+    guidance: float = 2.0  # the default classifier-free guidance scale shipped with the model
+    sample_steps: int = 50  # sampling steps of the evaluation (and the shipped default)
+    eval_samples: int = 500  # samples per sampler for the class accuracy
+
+    def __post_init__(self):
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        for name in ("steps", "batch_size", "classifier_steps", "sample_steps", "eval_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
 
 
 def digits_split():
@@ -70,37 +103,40 @@ def random_shift(x, generator, max_shift=1, prob=1.0):
     return out.gather(3, cols)
 
 
-def lr_at(step, steps, lr, warmup):
+def lr_at(step, steps, lr, warmup, floor=0.1):
+    """The learning rate at ``step`` of ``steps``: linear warmup over ``warmup`` steps to
+    ``lr``, then cosine decay to ``floor * lr`` (the default model decays to 0.1, the
+    arenas, :mod:`omnicache.arena.train`, to 0.05)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return lr * (floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def train_dit(config, x, y, args, generator, device):
+def train_dit(config, x, y, settings, generator, device):
     model = DiT(config).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.99))
     model.train()
     losses = []
-    bar = tqdm(range(args.steps), desc="dit", mininterval=2.0)
+    bar = tqdm(range(settings.steps), desc="dit", mininterval=2.0)
     for step in bar:
-        idx = torch.randint(0, len(y), (args.batch_size,), generator=generator)
+        idx = torch.randint(0, len(y), (settings.batch_size,), generator=generator)
         x0, labels = x[idx], y[idx]
-        if args.shift_prob > 0:
-            x0 = random_shift(x0, generator, prob=args.shift_prob)
+        if settings.shift_prob > 0:
+            x0 = random_shift(x0, generator, prob=settings.shift_prob)
         eps = torch.randn(x0.shape, generator=generator)
         t = torch.sigmoid(torch.randn(len(idx), generator=generator))  # logit-normal(0, 1)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
         x0, labels, eps, t, xt = (v.to(device) for v in (x0, labels, eps, t, xt))
         loss = F.mse_loss(model(xt, t, labels), eps - x0)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, settings.steps, settings.lr, settings.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
+        decay = min(settings.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
@@ -110,11 +146,11 @@ def train_dit(config, x, y, args, generator, device):
     return ema, losses
 
 
-def train_classifier(x, y, args, generator, device):
-    model = DigitClassifier(num_classes=10, width=args.classifier_width).to(device)
+def train_classifier(x, y, settings, generator, device):
+    model = DigitClassifier(num_classes=10, width=settings.classifier_width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     model.train()
-    for _ in tqdm(range(args.classifier_steps), desc="classifier", mininterval=2.0):
+    for _ in tqdm(range(settings.classifier_steps), desc="classifier", mininterval=2.0):
         idx = torch.randint(0, len(y), (128,), generator=generator)
         xb = random_shift(x[idx], generator, prob=0.5)
         # Mild noise so that slightly imperfect generated digits are judged by shape.
@@ -132,71 +168,49 @@ def sample_accuracy(model, classifier, sampler, guidance, n, steps, device, seed
     return class_accuracy(classifier, images, labels)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="omnicache train-default", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1200, help="DiT optimisation steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "data")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.998)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--shift-prob", type=float, default=0.0, help="probability of a 1-px shift per DiT sample")
-    p.add_argument("--classifier-steps", type=int, default=1500)
-    p.add_argument("--classifier-width", type=int, default=32)
-    p.add_argument("--guidance", type=float, default=2.0, help="default classifier-free guidance scale")
-    p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--eval-samples", type=int, default=500, help="samples per sampler for the class accuracy")
-    args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "classifier_steps", "sample_steps", "eval_samples"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+def train(settings: DefaultTrainingSettings, command: str | None = None) -> dict:
+    """Trains the DiT and the classifier as ``settings`` says, writes them with
+    ``default_model.json`` to ``settings.out_dir``, evaluates what was written and returns
+    that record. ``command``: how the run was asked for, kept in the record (default: this
+    call, with its settings)."""
+    if command is None:
+        command = f"{__name__}.train({settings!r})"
+    device = torch.device(settings.device)
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     x_train, y_train, x_held, y_held = digits_split()
     config = DiTConfig(
         input_size=8,
         patch_size=2,
         in_channels=1,
-        hidden_size=args.hidden_size,
-        depth=args.depth,
-        num_heads=args.num_heads,
+        hidden_size=settings.hidden_size,
+        depth=settings.depth,
+        num_heads=settings.num_heads,
         num_classes=10,
         class_dropout_prob=0.1,
     )
     print(f"train {len(y_train)} / held-out {len(y_held)} digits; torch threads {torch.get_num_threads()}")
 
     start = time.time()
-    classifier = train_classifier(x_train, y_train, args, generator, device)
+    classifier = train_classifier(x_train, y_train, settings, generator, device)
     classifier_time = time.time() - start
     heldout_acc = class_accuracy(classifier, x_held.to(device), y_held.to(device))
     print(f"classifier held-out accuracy {heldout_acc:.4f} ({classifier_time:.0f} s)")
 
     start = time.time()
-    ema, losses = train_dit(config, x_train, y_train, args, generator, device)
+    ema, losses = train_dit(config, x_train, y_train, settings, generator, device)
     dit_time = time.time() - start
     final_loss = sum(losses[-100:]) / len(losses[-100:])
     print(f"dit final loss {final_loss:.4f} ({dit_time:.0f} s)")
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
     dit_state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in ema.state_dict().items()}
-    with atomic_path(args.out_dir / "default_dit.safetensors") as tmp:
+    with atomic_path(settings.out_dir / "default_dit.safetensors") as tmp:
         save_file(dit_state, tmp, metadata={"format": "omnicache-dit"})
     cls_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in classifier.state_dict().items()}
-    with atomic_path(args.out_dir / "digit_classifier.safetensors") as tmp:
+    with atomic_path(settings.out_dir / "digit_classifier.safetensors") as tmp:
         save_file(cls_state, tmp, metadata={"format": "omnicache-digits"})
     info = {
         "format_version": FORMAT_VERSION,
@@ -210,10 +224,10 @@ def main(argv=None):
         "classifier": {
             "weights": "digit_classifier.safetensors",
             "num_classes": 10,
-            "width": args.classifier_width,
+            "width": settings.classifier_width,
             "heldout_accuracy": heldout_acc,
             "heldout_size": len(y_held),
-            "train_steps": args.classifier_steps,
+            "train_steps": settings.classifier_steps,
         },
         "data": {
             "source": "sklearn.datasets.load_digits",
@@ -221,14 +235,14 @@ def main(argv=None):
             "split": f"train_test_split(test_size={HELDOUT_FRACTION}, random_state={SPLIT_SEED}, stratify=y)",
             "train_size": len(y_train),
         },
-        "default_guidance": args.guidance,
-        "default_steps": args.sample_steps,
+        "default_guidance": settings.guidance,
+        "default_steps": settings.sample_steps,
         "training": {
-            "command": "python -m omnicache.train_default " + shlex.join(argv if argv is not None else []),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out_dir"},
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
+            "command": command,
+            "args": {k: v for k, v in dataclasses.asdict(settings).items() if k != "out_dir"},
+            "steps": settings.steps,
+            "batch_size": settings.batch_size,
+            "seed": settings.seed,
             "objective": "rectified flow, v = eps - x0, logit-normal t",
             "wall_time_s": round(dit_time + classifier_time, 1),
             "dit_wall_time_s": round(dit_time, 1),
@@ -239,21 +253,16 @@ def main(argv=None):
             "date": datetime.date.today().isoformat(),
         },
     }
-    atomic_write_text(args.out_dir / DEFAULT_JSON, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(settings.out_dir / DEFAULT_JSON, json.dumps(info, indent=2) + "\n")
 
     # Evaluate what was written (float16 weights as loaded by load_default).
-    model = load_default(device=device, data_dir=args.out_dir)
-    classifier = load_classifier(device=device, data_dir=args.out_dir)
-    info["sample_accuracy"] = {"samples": args.eval_samples, "steps": args.sample_steps, "guidance": args.guidance}
+    model = load_default(device=device, data_dir=settings.out_dir)
+    classifier = load_classifier(device=device, data_dir=settings.out_dir)
+    steps, guidance = settings.sample_steps, settings.guidance
+    info["sample_accuracy"] = {"samples": settings.eval_samples, "steps": steps, "guidance": guidance}
     for name in ("flow", "ddim"):
-        acc = sample_accuracy(model, classifier, name, args.guidance, args.eval_samples, args.sample_steps, device)
+        acc = sample_accuracy(model, classifier, name, guidance, settings.eval_samples, steps, device)
         info["sample_accuracy"][name] = acc
-        print(f"class accuracy of guided samples ({name}, {args.sample_steps} steps, g={args.guidance}): {acc:.4f}")
-    atomic_write_text(args.out_dir / DEFAULT_JSON, json.dumps(info, indent=2) + "\n")
+        print(f"class accuracy of guided samples ({name}, {steps} steps, g={guidance}): {acc:.4f}")
+    atomic_write_text(settings.out_dir / DEFAULT_JSON, json.dumps(info, indent=2) + "\n")
     return info
-
-
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])

@@ -1,6 +1,7 @@
 """omnicache.arena: the trained Flux digits arena, loaded from package data and driven by
 the unmodified diffusers.FluxPipeline (CPU, small)."""
 
+import shlex
 import shutil
 import socket
 
@@ -146,32 +147,44 @@ def test_diffusers_first_block_cache_runs_on_the_pipeline(pipe):
 
 
 def test_train_command_writes_what_the_loader_reads(tmp_path, capsys):
-    from omnicache.arena import train
+    from omnicache.cli import main
 
     out = tmp_path / "flux"
     args = ["--steps", "2", "--batch-size", "4", "--eval-samples", "2", "--eval-steps", "2", "--out", str(out)]
-    assert train.main(["flux", *args]) == 0
+    assert main(["train-arena", "flux", *args]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([arena_flux.ARENA_JSON, arena_flux.CONFIG_FILE, arena_flux.LABELS_FILE,
                             arena_flux.SCHEDULER_FILE, arena_flux.WEIGHTS_FILE])  # no temporary files left
     p = load_digits_pipeline("flux", data_dir=out)
     assert digits_images(p, p(**digits_inputs(p, [1]), num_inference_steps=2)).shape == (1, 1, 8, 8)
-    assert p.omnicache_arena.record["training"]["args"]["steps"] == 2
+    training = p.omnicache_arena.record["training"]
+    assert training["args"]["steps"] == 2
+    assert training["command"] == "omnicache train-arena " + shlex.join(["flux", *args])
     with pytest.raises(SystemExit):
-        train.main(["sd3", "--out", str(out)])
+        main(["train-arena", "sd3", "--out", str(out)])
     assert "name must be one of flux, latte" in capsys.readouterr().err
 
 
-def test_train_per_arena_defaults_and_min_snr_checks(capsys):
+def test_train_per_arena_defaults_and_min_snr_checks(monkeypatch, capsys):
     """Latte trains Min-SNR-5 weighted and ships guidance 4 unless told otherwise; Flux's
-    rectified-flow loss has no SNR weighting, so --min-snr is refused there, by name."""
+    rectified-flow loss has no SNR weighting, so --min-snr is refused there, by name. The
+    same on the command line and in the settings a Python caller gives the trainer."""
     from omnicache.arena import train
+    from omnicache.cli import main
 
-    latte, flux = train.parse_args(["latte"]), train.parse_args(["flux"])
+    asked = []  # what the command hands the trainer (nothing is trained here)
+    monkeypatch.setattr(train, "train", lambda settings, command=None: asked.append(settings))
+    assert main(["train-arena", "latte"]) == 0 and main(["train-arena", "flux"]) == 0
+    latte, flux = asked
+    assert latte == train.ArenaTrainingSettings("latte") and flux == train.ArenaTrainingSettings("flux")
     assert (latte.min_snr, latte.guidance, latte.steps) == (5.0, 4.0, 9000)
     assert (flux.min_snr, flux.guidance, flux.steps) == (0.0, 2.0, 1800)
-    assert train.parse_args(["latte", "--min-snr", "0", "--guidance", "2"]).min_snr == 0.0
+    assert main(["train-arena", "latte", "--min-snr", "0", "--guidance", "2"]) == 0 and asked[-1].min_snr == 0.0
+    assert train.ArenaTrainingSettings("latte", min_snr=0, guidance=2).min_snr == 0.0
     for argv in (["flux", "--min-snr", "5"], ["latte", "--min-snr", "-1"]):
         with pytest.raises(SystemExit):
-            train.parse_args(argv)
+            main(["train-arena", *argv])
         assert "--min-snr must be >= 0" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="min_snr must be >= 0"):
+            train.ArenaTrainingSettings(argv[0], min_snr=float(argv[2]))
+    assert len(asked) == 3  # a refused command trains nothing

@@ -2,6 +2,7 @@
 arguments give one line on stderr and a non-zero exit, never a traceback."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -67,3 +68,31 @@ def test_demo_writes_grid_and_table(tmp_path, capsys):
     png = (tmp_path / "samples.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "speedup" in capsys.readouterr().out
+
+
+def test_train_default_command_writes_a_loadable_model(tmp_path, capsys):
+    """``omnicache train-default``: the CLI parses, the trainer trains (a few steps of a small
+    model here), exit status 0, and the record names the command that made it."""
+    from omnicache.runtime.default import default_info, load_default
+
+    args = ["--steps", "3", "--classifier-steps", "2", "--batch-size", "8", "--hidden-size", "32", "--depth", "2",
+            "--sample-steps", "2", "--eval-samples", "2", "--threads", "1", "--out-dir", str(tmp_path)]
+    assert main(["train-default", *args]) == 0
+    info = default_info(tmp_path)
+    assert info["training"]["command"] == "omnicache train-default " + shlex.join(args)
+    assert info["training"]["args"]["steps"] == 3 and "out_dir" not in info["training"]["args"]
+    assert load_default(data_dir=tmp_path).config.depth == 2
+    assert "class accuracy of guided samples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, field", [("--steps", "steps"), ("--batch-size", "batch_size"),
+                                         ("--eval-samples", "eval_samples")])
+def test_train_default_refuses_non_positive_counts(flag, field, capsys):
+    from omnicache.train_default import DefaultTrainingSettings
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train-default", flag, "0"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"omnicache train-default: error: {flag} must be positive"
+    with pytest.raises(ValueError, match=f"^{field} must be positive"):
+        DefaultTrainingSettings(**{field: 0})

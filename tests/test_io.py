@@ -153,11 +153,11 @@ def test_sigkill_leaves_an_old_or_a_new_complete_file(tmp_path):
 
 DEMO_WRITE = """
 import pathlib, types, torch
-from omnicache import cli
+from omnicache.cli import run
 rows = [dict(policy=name, compute_fraction=1.0, samples=torch.rand(3, 1, 8, 8)) for name in ("uncached", "fora")]
 bench = types.SimpleNamespace(labels=torch.arange(3), guidance=2.0)
 args = types.SimpleNamespace(device="cpu", steps=4, sampler="flow", seed=0)
-cli._write_demo(pathlib.Path({out!r}), rows, bench, args)
+run._write_demo(pathlib.Path({out!r}), rows, bench, args)
 """
 
 
@@ -182,7 +182,7 @@ def test_demo_json_failure_keeps_the_old_image(tmp_path, monkeypatch):
 
     import torch
 
-    from omnicache import cli
+    from omnicache.cli import run
 
     out = tmp_path
     (out / "samples.png").write_bytes(b"old png")
@@ -191,12 +191,12 @@ def test_demo_json_failure_keeps_the_old_image(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cli, "atomic_write_text", fail)
+    monkeypatch.setattr(run, "atomic_write_text", fail)
     rows = [dict(policy="uncached", samples=torch.rand(2, 1, 8, 8))]
     bench = types.SimpleNamespace(labels=torch.arange(2), guidance=2.0)
     args = types.SimpleNamespace(device="cpu", steps=4, sampler="flow", seed=0)
     with pytest.raises(OSError, match="disk full"):
-        cli._write_demo(out, rows, bench, args)
+        run._write_demo(out, rows, bench, args)
     assert (out / "samples.png").read_bytes() == b"old png" and (out / "demo.json").read_text() == "old json"
     assert sorted(p.name for p in out.iterdir()) == ["demo.json", "samples.png"]
 
