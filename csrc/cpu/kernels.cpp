@@ -1,6 +1,7 @@
-// Compiles kernels_impl.h three times, for the baseline ISA, for AVX2+FMA+F16C and for
-// AVX-512, and picks the table once from what the CPU supports. The lanes and chunks
-// are the same in all three, so the choice changes speed, not the bits of any result.
+// Compiles the CPU kernels (isa_kernels.h: simd.h and one file per op) three times, for
+// the baseline ISA, for AVX2+FMA+F16C and for AVX-512, and picks the table once from what
+// the CPU supports. The lanes and chunks are the same in all three, so the choice changes
+// speed, not the bits of any result.
 #include "kernels.h"
 
 #include <algorithm>
@@ -22,8 +23,7 @@
 namespace omnicache::cpu {
 
 namespace baseline {
-#include "kernels_impl.h"
-#include "token_kernels_impl.h"
+#include "isa_kernels.h"
 }  // namespace baseline
 
 #ifdef OMNICACHE_X86_TABLES
@@ -31,8 +31,7 @@ namespace baseline {
 #pragma GCC target("avx2,fma,f16c")
 #define OMNICACHE_F16C_256 1
 namespace avx2 {
-#include "kernels_impl.h"
-#include "token_kernels_impl.h"
+#include "isa_kernels.h"
 }  // namespace avx2
 #undef OMNICACHE_F16C_256
 #pragma GCC pop_options
@@ -41,8 +40,7 @@ namespace avx2 {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #define OMNICACHE_F16C_512 1
 namespace avx512 {
-#include "kernels_impl.h"
-#include "token_kernels_impl.h"
+#include "isa_kernels.h"
 }  // namespace avx512
 #undef OMNICACHE_F16C_512
 #pragma GCC pop_options

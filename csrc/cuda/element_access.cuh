@@ -1,6 +1,6 @@
 // Element types, the dtype dispatch and 16-byte vector access of the CUDA kernels
-// (included by omnicache_kernels.cu and token_kernels.cu inside their anonymous
-// namespaces, after the CUDA headers: no include guard and no includes).
+// (included by every .cu file inside its anonymous namespace, after the CUDA headers:
+// no include guard and no includes).
 // ------------------------------------------------------------------ element types
 // Conversions between a storage type and float32: exact widening, round-to-nearest-even
 // narrowing. `bits` forms work on the element's bit pattern inside a 16-byte vector.

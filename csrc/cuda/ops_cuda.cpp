@@ -1,11 +1,11 @@
-// CUDA implementations of the omnicache ops: torch glue around omnicache_kernels.h.
+// CUDA implementations of the omnicache ops: torch glue around kernels.h.
 //
 // Built only against a CUDA torch. Each op checks its arguments (csrc/checks.h) before
 // anything is written, returns early on empty tensors, makes read-only inputs
 // contiguous, allocates outputs and the reduction workspace from torch's caching
 // allocator, and launches on the current stream: no host synchronisation, so every op
 // can be captured in a CUDA graph. Semantics: omnicache/reference.py.
-#include "omnicache_kernels.h"
+#include "kernels.h"
 
 #include "../checks.h"
 
@@ -146,7 +146,7 @@ at::Tensor rel_l1_cuda(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // The index range is not checked on the host (reading a CUDA index would synchronise):
-// the kernels handle an index outside [0, N) on the device (omnicache_kernels.h).
+// the kernels handle an index outside [0, N) on the device (kernels.h).
 at::Tensor token_update_cuda(const at::Tensor& cache, const at::Tensor& index,
                              const at::Tensor& values, const at::Tensor& hidden) {
   check_token_update(cache, index, values, hidden);

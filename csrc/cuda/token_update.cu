@@ -1,5 +1,5 @@
 // CUDA kernels of the token ops (ToCa): token_update and gather_tokens. API and exact
-// formulas: omnicache_kernels.h; semantics: omnicache/reference.py.
+// formulas: kernels.h; semantics: omnicache/reference.py.
 //
 // token_update runs on the stream without a host synchronisation (CUDA-graph capturable):
 //   1. cudaMemsetAsync: owner map [B * N] int32 = -1, flag = 0 (caller's workspace);
@@ -12,7 +12,7 @@
 // Thread u handles one 16-byte vector (kVec: C a multiple of the vector, every pointer
 // 16-byte aligned, so a vector never straddles two rows) or one element, in a
 // grid-stride loop. Elementwise: the path taken changes no bit of any result.
-#include "omnicache_kernels.h"
+#include "kernels.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,4 +1,6 @@
-// CUDA kernels of the omnicache ops: a framework-free launcher API.
+// CUDA kernels of the omnicache ops: a framework-free launcher API. Each op's kernel is
+// in <op>.cu: apply_residual.cu, store_residual.cu, trajectory_stats.cu and rel_l1.cu
+// (on the one kernel skeleton of chunk_kernel.cuh), token_update.cu (both token ops).
 //
 // Pointers are device pointers to contiguous [batch, per_sample] data (dim 0 is the
 // batch B, N = per_sample elements per sample; sample b spans [b*N, (b+1)*N)). Every
@@ -132,7 +134,7 @@ cudaError_t rel_l1(const void* a, const void* b, int64_t batch, int64_t per_samp
                    cudaStream_t stream);
 
 // ------------------------------------------------------------------ token ops (ToCa)
-// In token_kernels.cu. Tokens are rows of `channels` elements: hidden, cache and out are
+// In token_update.cu. Tokens are rows of `channels` elements: hidden, cache and out are
 // [batch, tokens, channels], values [batch, selected, channels], index int64 [batch,
 // selected]. An index outside [0, tokens) is not an error here (the host does not read
 // it: that would synchronise); the kernels handle it on the device, as

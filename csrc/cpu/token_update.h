@@ -1,6 +1,7 @@
-// token_update_ kernel body, included by kernels.cpp right after kernels_impl.h in each
-// ISA's namespace (it uses that file's loads, stores and for_each). No include guard and
-// no includes on purpose: see kernels.cpp.
+// CPU kernel of token_update_, compiled once per ISA (isa_kernels.h) on the toolkit of
+// simd.h (its loads, stores and for_each). gather_tokens is row copies (memcpy): it is
+// in the torch glue, ops_cpu.cpp, with the owner map. No include guard and no includes
+// on purpose: see kernels.cpp.
 //
 // Elementwise, so the vector width changes no result: cache = round(v - h) and out =
 // round(h + c) in float32, one rounding each; out = v is a copy of the bits. The owner
@@ -47,12 +48,4 @@ void token_update_t(const TokenArgs& a, int64_t begin, int64_t end) {
     ++t;
   }
   stream_fence(a.stream);
-}
-
-void token_update(const TokenArgs& a, int64_t begin, int64_t end) {
-  switch (a.dtype) {
-    case DType::F32: return token_update_t<float>(a, begin, end);
-    case DType::F16: return token_update_t<F16>(a, begin, end);
-    case DType::BF16: return token_update_t<BF16>(a, begin, end);
-  }
 }

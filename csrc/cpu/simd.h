@@ -1,4 +1,5 @@
-// Kernel bodies, included three times by kernels.cpp: for the baseline ISA, under
+// The toolkit every CPU kernel is written in, compiled once per ISA (isa_kernels.h,
+// included three times by kernels.cpp): for the baseline ISA, under
 // `#pragma GCC target("avx2,fma,f16c")` and under the AVX-512 target. Everything is
 // computed in float32 on the ISA's native vectors (GCC vector extensions: 16 floats in a
 // zmm with AVX-512, 8 in a ymm with AVX2, 4 in an xmm on the baseline). Reductions keep
@@ -6,7 +7,10 @@
 // 16m + j), so every ISA adds the same numbers in the same order and gives the same
 // bits. Only native widths are used: GCC lowers a vector wider than the ISA's registers
 // through the stack and general registers, and its compares one lane at a time.
-// No include guard and no includes on purpose: see kernels.cpp.
+// Storage types, vectors, conversions, loads and stores, the reduction loop
+// (reduce_lanes) and the elementwise loop (for_each); the ops' kernels are in
+// <op>.h. No include guard and no includes on purpose: see kernels.cpp.
+
 
 // Storage types: float, and half and bf16 as raw bits.
 struct F16 {
@@ -292,152 +296,3 @@ OMNICACHE_INLINE void for_each(int64_t begin, int64_t end, Body body) {
   for (; i + kWidth <= end; i += kWidth) body(i, Vec{});
   for (; i < end; ++i) body(i, One{});
 }
-
-// ------------------------------------------------------------ apply_residual_
-// hidden[i] += gate[i - i0] * (residual[i] + g1 * c1[i] + g2 * c2[i]) on [i0, i1).
-template <class T, bool C1, bool C2, bool GATE>
-void apply_span(const ApplyArgs& a, int64_t i0, int64_t i1, float g1, float g2, const T* gate) {
-  T* h = static_cast<T*>(a.hidden);
-  const T* r = static_cast<const T*>(a.residual);
-  const T* c1 = static_cast<const T*>(a.correction);
-  const T* c2 = static_cast<const T*>(a.correction2);
-  for_each(i0, i1, [&](int64_t i, auto tag) {
-    auto s = load(r, i, tag);
-    if constexpr (C1) s = s + g1 * load(c1, i, tag);
-    if constexpr (C2) s = s + g2 * load(c2, i, tag);
-    if constexpr (GATE) s = s * load(gate, i - i0, tag);
-    store(h, i, load(h, i, tag) + s, tag);
-  });
-}
-
-template <class T, bool C1, bool C2, bool GATE>
-void apply_residual_impl(const ApplyArgs& a, int64_t begin, int64_t end) {
-  const T* gate = static_cast<const T*>(a.gate);
-  // Walk one sample (and with a gate one row of D) at a time: gamma and the gate row
-  // are fixed inside each span.
-  for (int64_t s = begin; s < end;) {
-    const int64_t b = s / a.per_sample;
-    const int64_t sample_end = std::min(end, (b + 1) * a.per_sample);
-    float g1 = 1.0f, g2 = 1.0f;
-    if (a.gamma != nullptr) {
-      g1 = a.gamma[b * a.gamma_stride];
-      if (a.gamma_count == 2) g2 = a.gamma[b * a.gamma_stride + 1];
-    }
-    if constexpr (GATE) {
-      while (s < sample_end) {
-        const int64_t col = (s - b * a.per_sample) % a.gate_dim;
-        const int64_t e = std::min(sample_end, s + (a.gate_dim - col));
-        apply_span<T, C1, C2, GATE>(a, s, e, g1, g2, gate + b * a.gate_dim + col);
-        s = e;
-      }
-    } else {
-      apply_span<T, C1, C2, GATE>(a, s, sample_end, g1, g2, nullptr);
-      s = sample_end;
-    }
-  }
-}
-
-template <class T>
-void apply_residual_t(const ApplyArgs& a, int64_t begin, int64_t end) {
-  const int mode = (a.correction != nullptr) | (a.correction2 != nullptr) << 1 | (a.gate != nullptr) << 2;
-  switch (mode) {
-    case 0: return apply_residual_impl<T, false, false, false>(a, begin, end);
-    case 1: return apply_residual_impl<T, true, false, false>(a, begin, end);
-    case 2: return apply_residual_impl<T, false, true, false>(a, begin, end);
-    case 3: return apply_residual_impl<T, true, true, false>(a, begin, end);
-    case 4: return apply_residual_impl<T, false, false, true>(a, begin, end);
-    case 5: return apply_residual_impl<T, true, false, true>(a, begin, end);
-    case 6: return apply_residual_impl<T, false, true, true>(a, begin, end);
-    default: return apply_residual_impl<T, true, true, true>(a, begin, end);
-  }
-}
-
-// ------------------------------------------------------------ store_residual_
-// INP, DELTA, DELTA2 are template flags so no test sits inside the vector loop. With
-// a.stream, the outputs that are only written (delta2; delta without delta2) bypass
-// the caches.
-template <class T, bool INP, bool DELTA, bool DELTA2>
-void store_residual_impl(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) {
-  const T* out = static_cast<const T*>(a.x0);
-  const T* inp = static_cast<const T*>(a.x1);
-  T* cache = static_cast<T*>(a.w0);
-  T* delta = static_cast<T*>(a.w1);
-  T* delta2 = static_cast<T*>(a.w2);
-  const bool stream = a.stream;
-  reduce_lanes<4>(begin, end, partials, [&](int64_t i, auto tag, auto* t) {
-    auto nw = load(out, i, tag);
-    if constexpr (INP) nw = nw - load(inp, i, tag);
-    const auto old = load(cache, i, tag);
-    const auto d = nw - old;
-    if constexpr (DELTA2) {
-      const auto d2 = d - load(delta, i, tag);
-      stream ? store_stream(delta2, i, d2, tag) : store(delta2, i, d2, tag);
-      store(delta, i, d, tag);
-    } else if constexpr (DELTA) {
-      stream ? store_stream(delta, i, d, tag) : store(delta, i, d, tag);
-    }
-    store(cache, i, nw, tag);
-    t[0] = abs_f(d);
-    t[1] = abs_f(old);
-    t[2] = d * d;
-    t[3] = old * old;
-  });
-  stream_fence(stream);
-}
-
-template <class T>
-void store_residual_t(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) {
-  const int mode = (a.x1 != nullptr) | (a.w1 != nullptr) << 1 | (a.w2 != nullptr) << 2;
-  switch (mode) {
-    case 0: return store_residual_impl<T, false, false, false>(a, begin, end, partials);
-    case 1: return store_residual_impl<T, true, false, false>(a, begin, end, partials);
-    case 2: return store_residual_impl<T, false, true, false>(a, begin, end, partials);
-    case 3: return store_residual_impl<T, true, true, false>(a, begin, end, partials);
-    case 6: return store_residual_impl<T, false, true, true>(a, begin, end, partials);
-    default: return store_residual_impl<T, true, true, true>(a, begin, end, partials);
-  }
-}
-
-// ------------------------------------------------------------ statistics
-template <class T>
-void trajectory_stats_t(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) {
-  const T* xn = static_cast<const T*>(a.x0);
-  const T* x = static_cast<const T*>(a.x1);
-  const T* xp = static_cast<const T*>(a.x2);
-  reduce_lanes<3>(begin, end, partials, [&](int64_t i, auto tag, auto* t) {
-    const auto xc = load(x, i, tag);
-    const auto v1 = load(xn, i, tag) - xc;
-    const auto v0 = xc - load(xp, i, tag);
-    t[0] = v1 * v1;
-    t[1] = v0 * v0;
-    t[2] = v1 * v0;
-  });
-}
-
-template <class T>
-void rel_l1_t(const ReduceArgs& a, int64_t begin, int64_t end, float* partials) {
-  const T* x = static_cast<const T*>(a.x0);
-  const T* y = static_cast<const T*>(a.x1);
-  reduce_lanes<2>(begin, end, partials, [&](int64_t i, auto tag, auto* t) {
-    const auto yv = load(y, i, tag);
-    t[0] = abs_f(load(x, i, tag) - yv);
-    t[1] = abs_f(yv);
-  });
-}
-
-// One switch on the dtype per range; the loops above are specialised per type.
-#define OMNICACHE_CPU_ENTRY(name, Args, ...)                                  \
-  void name(const Args& a, int64_t begin, int64_t end __VA_OPT__(, ) __VA_ARGS__) { \
-    switch (a.dtype) {                                                        \
-      case DType::F32: return name##_t<float>(a, begin, end __VA_OPT__(, partials)); \
-      case DType::F16: return name##_t<F16>(a, begin, end __VA_OPT__(, partials)); \
-      case DType::BF16: return name##_t<BF16>(a, begin, end __VA_OPT__(, partials)); \
-    }                                                                         \
-  }
-
-OMNICACHE_CPU_ENTRY(apply_residual, ApplyArgs)
-OMNICACHE_CPU_ENTRY(store_residual, ReduceArgs, float* partials)
-OMNICACHE_CPU_ENTRY(trajectory_stats, ReduceArgs, float* partials)
-OMNICACHE_CPU_ENTRY(rel_l1, ReduceArgs, float* partials)
-#undef OMNICACHE_CPU_ENTRY
-#undef OMNICACHE_INLINE
