@@ -14,7 +14,7 @@ import torch
 import omnicache.ops as ops
 from omnicache import reference
 
-OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1", "token_update_", "gather_tokens")
+OPS = ops.OPS
 # Further calls of the same ops with the newer arguments (second order, gate, no inp).
 EXTRA_CASES = ("apply_residual_order2_gate", "store_residual_order2")
 CASES = OPS + EXTRA_CASES

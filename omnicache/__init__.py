@@ -6,31 +6,52 @@
     result.samples, result.summary.compute_fraction
 
 ``omnicache.ops`` holds the fused cache ops, usable alone by other engines.
+
+The names below are imported on first access (PEP 562), so ``import omnicache.ops``
+loads the op layer alone: not the runtime, the policies or the integrations.
 """
 
-from . import ops
-from .api import GenerateResult, generate
-from .plan import CachePlan
-from .policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig, MagCacheConfig, NoCacheConfig,
-                       OmniCacheConfig, TaylorSeerConfig, TeaCacheConfig)
-from .runtime.default import load_classifier, load_default
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ops",
-    "generate",
-    "GenerateResult",
-    "load_default",
-    "load_classifier",
-    "CachePlan",
-    "NoCacheConfig",
-    "FORAConfig",
-    "DeltaDiTConfig",
-    "TeaCacheConfig",
-    "FirstBlockCacheConfig",
-    "TaylorSeerConfig",
-    "OmniCacheConfig",
-    "L2CConfig",
-    "MagCacheConfig",
-]
+# Each public name -> the module it comes from ("ops" is the submodule itself).
+_SOURCES = {
+    "ops": ".ops",
+    "generate": ".api",
+    "GenerateResult": ".api",
+    "load_default": ".runtime.default",
+    "load_classifier": ".runtime.default",
+    "CachePlan": ".plan",
+    "NoCacheConfig": ".policies",
+    "FORAConfig": ".policies",
+    "DeltaDiTConfig": ".policies",
+    "TeaCacheConfig": ".policies",
+    "FirstBlockCacheConfig": ".policies",
+    "TaylorSeerConfig": ".policies",
+    "OmniCacheConfig": ".policies",
+    "L2CConfig": ".policies",
+    "MagCacheConfig": ".policies",
+    "PABConfig": ".policies",
+    "TGATEConfig": ".policies",
+    "ToCaConfig": ".policies",
+    "AdaCacheConfig": ".policies",
+}
+
+__all__ = list(_SOURCES)
+
+
+def __getattr__(name: str):
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(source, __name__)
+    value = module if name == "ops" else getattr(module, name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,11 +1,10 @@
 """The omnicache ops: fused bookkeeping for DiT feature caching.
 
 ``import omnicache.ops`` loads the compiled library, which registers
-``torch.ops.omnicache.{apply_residual_, store_residual_, trajectory_stats, rel_l1,
-token_update_, gather_tokens}``
-(C++ kernels for CPU, CUDA kernels when built), registers the Triton kernels as the
-opaque custom ops ``torch.ops.omnicache_triton.*``, and gives each op's fake impl so
-all of them trace under ``torch.compile(fullgraph=True)``.
+``torch.ops.omnicache.<op>`` for every op in ``OPS`` (C++ kernels for CPU, CUDA kernels
+when built), registers the Triton kernels as the opaque custom ops
+``torch.ops.omnicache_triton.<op>``, and gives each op's fake impl so all of them trace
+under ``torch.compile(fullgraph=True)``.
 
 The functions below are what engines call. Each picks a backend:
 
@@ -21,6 +20,12 @@ The functions below are what engines call. Each picks a backend:
 that is not built or cannot run here is an error that names it, never a silent
 substitute. Every backend checks its arguments before it writes anything, so a
 refused call leaves the in-place target exactly as it was.
+
+Layout: the backend choice, then one section per op with all of its Python side: its
+Triton custom op and its public function, whose ``_register`` decorator names the
+op's argument checks (``_checks``), its spec (``reference``) and its fake's result, and
+so makes its fake impl and its ``torch`` backend. ``OPS``, ``__all__`` and the dispatch
+come from that one registry. Each public docstring names the op's kernel files.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,194 +41,17 @@ from torch import Tensor
 from . import _C  # noqa: F401  (registers torch.ops.omnicache.*)
 from . import _checks, reference
 
-__all__ = [
-    "apply_residual_",
-    "store_residual_",
-    "trajectory_stats",
-    "rel_l1",
-    "token_update_",
-    "gather_tokens",
-    "set_backend",
-    "get_backend",
-    "available_backends",
-]
-
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-OPS = ("apply_residual_", "store_residual_", "trajectory_stats", "rel_l1", "token_update_", "gather_tokens")
-
-
-# ----------------------------------------------------------------------------- fakes
-# Shapes only, plus the same argument checks as the kernels (minus the memory-overlap
-# test, which fake tensors cannot do).
-def _fake_apply_residual_(hidden, residual, correction=None, gamma=None, correction2=None,
-                          gate=None):
-    _checks.check_apply_residual(hidden, residual, correction, gamma, correction2, gate)
-
-
-def _fake_store_residual_(cache, delta, out, inp, delta2=None):
-    _checks.check_store_residual(cache, delta, out, inp, delta2)
-    return cache.new_empty((cache.shape[0], 4), dtype=torch.float32)
-
-
-def _fake_trajectory_stats(x_next, x, x_prev):
-    _checks.check_trajectory_stats(x_next, x, x_prev)
-    return x.new_empty((x.shape[0], 3), dtype=torch.float32)
-
-
-def _fake_rel_l1(a, b):
-    _checks.check_rel_l1(a, b)
-    return a.new_empty((a.shape[0], 2), dtype=torch.float32)
-
-
-def _fake_token_update_(cache, index, values, hidden):
-    _checks.check_token_update(cache, index, values, hidden)
-    return hidden.new_empty(hidden.shape)
-
-
-def _fake_gather_tokens(x, index):
-    _checks.check_gather_tokens(x, index)
-    return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
-
-
-_FAKES = {
-    "apply_residual_": _fake_apply_residual_,
-    "store_residual_": _fake_store_residual_,
-    "trajectory_stats": _fake_trajectory_stats,
-    "rel_l1": _fake_rel_l1,
-    "token_update_": _fake_token_update_,
-    "gather_tokens": _fake_gather_tokens,
-}
-for _name, _fake in _FAKES.items():
-    torch.library.register_fake(f"omnicache::{_name}")(_fake)
-
-
-# -------------------------------------------------------------------- triton ops
-# Opaque custom ops: torch.compile treats each as one call (torch.library.triton_op
-# would trace into the kernel, which the interpreter cannot run).
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def _triton_kernels():
-    if importlib.util.find_spec("triton") is None:
-        raise RuntimeError("omnicache: backend 'triton' needs the triton package, which is not installed")
-    from . import kernels
-
-    return kernels
-
-
-def _triton_device_ok(t: Tensor) -> None:
-    if t.device.type == "cpu" and not _triton_interpret():
-        raise RuntimeError(
-            "omnicache: backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1 "
-            "(set before triton is imported)"
-        )
-
-
-@torch.library.custom_op("omnicache_triton::apply_residual_", mutates_args=("hidden",))
-def _triton_apply_residual_(hidden: Tensor, residual: Tensor, correction: Tensor | None = None,
-                            gamma: Tensor | None = None, correction2: Tensor | None = None,
-                            gate: Tensor | None = None) -> None:
-    _checks.check_apply_residual(hidden, residual, correction, gamma, correction2, gate)
-    _triton_device_ok(hidden)
-    _triton_kernels().apply_residual.apply_residual_(hidden, residual, correction, gamma,
-                                                     correction2, gate)
-
-
-@torch.library.custom_op("omnicache_triton::store_residual_", mutates_args=("cache", "delta", "delta2"))
-def _triton_store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor | None,
-                            delta2: Tensor | None = None) -> Tensor:
-    _checks.check_store_residual(cache, delta, out, inp, delta2)
-    _triton_device_ok(cache)
-    return _triton_kernels().store_residual.store_residual_(cache, delta, out, inp, delta2)
-
-
-@torch.library.custom_op("omnicache_triton::trajectory_stats", mutates_args=())
-def _triton_trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
-    _checks.check_trajectory_stats(x_next, x, x_prev)
-    _triton_device_ok(x)
-    return _triton_kernels().trajectory_stats.trajectory_stats(x_next, x, x_prev)
-
-
-@torch.library.custom_op("omnicache_triton::rel_l1", mutates_args=())
-def _triton_rel_l1(a: Tensor, b: Tensor) -> Tensor:
-    _checks.check_rel_l1(a, b)
-    _triton_device_ok(a)
-    return _triton_kernels().rel_l1.rel_l1(a, b)
-
-
-@torch.library.custom_op("omnicache_triton::token_update_", mutates_args=("cache",))
-def _triton_token_update_(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor) -> Tensor:
-    _checks.check_token_update(cache, index, values, hidden)
-    _triton_device_ok(hidden)
-    return _triton_kernels().token_update.token_update_(cache, index, values, hidden)
-
-
-@torch.library.custom_op("omnicache_triton::gather_tokens", mutates_args=())
-def _triton_gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    _checks.check_gather_tokens(x, index)
-    _triton_device_ok(x)
-    return _triton_kernels().token_update.gather_tokens(x, index)
-
-
-for _name, _fake in _FAKES.items():
-    torch.library.register_fake(f"omnicache_triton::{_name}")(_fake)
-
-
-# ----------------------------------------------------------------- torch backend
-def _torch_apply_residual_(hidden, residual, correction=None, gamma=None, correction2=None,
-                           gate=None):
-    _checks.check_apply_residual(hidden, residual, correction, gamma, correction2, gate)
-    reference.apply_residual_(hidden, residual, correction, gamma, correction2, gate)
-
-
-def _torch_store_residual_(cache, delta, out, inp, delta2=None):
-    _checks.check_store_residual(cache, delta, out, inp, delta2)
-    return reference.store_residual_(cache, delta, out, inp, delta2)
-
-
-def _torch_trajectory_stats(x_next, x, x_prev):
-    _checks.check_trajectory_stats(x_next, x, x_prev)
-    return reference.trajectory_stats(x_next, x, x_prev)
-
-
-def _torch_rel_l1(a, b):
-    _checks.check_rel_l1(a, b)
-    return reference.rel_l1(a, b)
-
-
-def _torch_token_update_(cache, index, values, hidden):
-    _checks.check_token_update(cache, index, values, hidden)
-    return reference.token_update_(cache, index, values, hidden)
-
-
-def _torch_gather_tokens(x, index):
-    _checks.check_gather_tokens(x, index)
-    return reference.gather_tokens(x, index)
-
-
-class _Torch:
-    apply_residual_ = staticmethod(_torch_apply_residual_)
-    store_residual_ = staticmethod(_torch_store_residual_)
-    trajectory_stats = staticmethod(_torch_trajectory_stats)
-    rel_l1 = staticmethod(_torch_rel_l1)
-    token_update_ = staticmethod(_torch_token_update_)
-    gather_tokens = staticmethod(_torch_gather_tokens)
-
-
-def _impls(backend: str):
-    if backend in ("cpu", "cuda"):
-        return torch.ops.omnicache
-    if backend == "triton":
-        return torch.ops.omnicache_triton
-    return _Torch
 
 
 # -------------------------------------------------------------------- backends
 def cuda_kernels_built() -> bool:
     """Whether ``omnicache._C`` was compiled with the CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("omnicache::rel_l1", "CUDA")
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _unavailable(backend: str) -> str | None:
@@ -302,7 +131,95 @@ def _resolve(op: str, t: Tensor) -> str:
     return _backend
 
 
-# ------------------------------------------------------------------- the ops
+# -------------------------------------------------------------------- registry
+class _Op(NamedTuple):
+    """One op's Python side (its C++ and CUDA kernels are ``torch.ops.omnicache.<name>``)."""
+
+    name: str
+    public: Callable  # omnicache.ops.<name>: checks the types, picks the backend
+    fake: Callable  # argument checks, then the result's shape (both namespaces)
+    triton: Callable  # the opaque custom op torch.ops.omnicache_triton.<name>
+    torch_backend: Callable  # argument checks, then omnicache.reference.<name>
+
+
+_REGISTRY: dict[str, _Op] = {}
+
+
+def _triton_op(name: str, mutates_args: tuple[str, ...]):
+    """Declares ``omnicache_triton::<name>`` as an opaque custom op: torch.compile treats
+    it as one call (torch.library.triton_op would trace into the kernel, which the
+    interpreter cannot run)."""
+    return torch.library.custom_op(f"omnicache_triton::{name}", mutates_args=mutates_args)
+
+
+@functools.cache
+def _triton_kernels():
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("omnicache: backend 'triton' needs the triton package, which is not installed")
+    from . import kernels
+
+    return kernels
+
+
+def _triton_device_ok(t: Tensor) -> None:
+    if t.device.type == "cpu" and not _triton_interpret():
+        raise RuntimeError(
+            "omnicache: backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1 "
+            "(set before triton is imported)"
+        )
+
+
+def _register(*, check: Callable, spec: Callable, triton: Callable, result: Callable | None = None):
+    """Decorates an op's public function and enters the op in the registry (``OPS``,
+    ``__all__``, the dispatch). ``check``: the op's argument checks (``_checks``);
+    ``spec``: its ``reference`` function; ``triton``: its Triton custom op; ``result``:
+    the fake's result from the arguments (shapes only; None: the op returns nothing).
+
+    The fake (registered for ``omnicache::<name>`` and ``omnicache_triton::<name>``) is
+    ``check`` then ``result``: the kernels' checks minus the memory-overlap test, which
+    fake tensors cannot do. The ``torch`` backend is ``check`` then ``spec``."""
+
+    def fake(*args):
+        check(*args)
+        return None if result is None else result(*args)
+
+    def torch_backend(*args):
+        check(*args)
+        return spec(*args)
+
+    def register(public: Callable) -> Callable:
+        name = public.__name__
+        for namespace in ("omnicache", "omnicache_triton"):
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
+        _REGISTRY[name] = _Op(name, public, fake, triton, torch_backend)
+        return public
+
+    return register
+
+
+def _kernel(op: str, t: Tensor) -> Callable:
+    """What runs ``op`` (first tensor argument ``t``) under the current backend."""
+    backend = _resolve(op, t)
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.omnicache, op)
+    if backend == "triton":
+        return getattr(torch.ops.omnicache_triton, op)
+    return _REGISTRY[op].torch_backend
+
+
+# ------------------------------------------------------------- apply_residual_
+@_triton_op("apply_residual_", mutates_args=("hidden",))
+def _triton_apply_residual_(hidden: Tensor, residual: Tensor, correction: Tensor | None = None,
+                            gamma: Tensor | None = None, correction2: Tensor | None = None,
+                            gate: Tensor | None = None) -> None:
+    _checks.check_apply_residual(hidden, residual, correction, gamma, correction2, gate)
+    _triton_device_ok(hidden)
+    _triton_kernels().apply_residual.apply_residual_(hidden, residual, correction, gamma,
+                                                     correction2, gate)
+
+
+@_register(check=_checks.check_apply_residual, spec=reference.apply_residual_,
+           triton=_triton_apply_residual_)
 def apply_residual_(hidden: Tensor, residual: Tensor, correction: Tensor | None = None,
                     gamma: Tensor | None = None, correction2: Tensor | None = None,
                     gate: Tensor | None = None) -> None:
@@ -333,14 +250,28 @@ def apply_residual_(hidden: Tensor, residual: Tensor, correction: Tensor | None 
 
     Bytes moved: ``(2 + k)·N·s + B·D·s`` (read hidden, residual and k corrections,
     write hidden; the gate once), for N elements of s bytes: 3N·s to 5N·s.
+
+    Kernels: csrc/cpu/apply_residual.h (CPU), csrc/cuda/apply_residual.cu (CUDA),
+    kernels/apply_residual.py (Triton); spec: omnicache.reference.apply_residual_.
     """
     _checks.check_types("apply_residual_", {"hidden": hidden, "residual": residual},
                         {"correction": correction, "gamma": gamma, "correction2": correction2,
                          "gate": gate})
-    _impls(_resolve("apply_residual_", hidden)).apply_residual_(
-        hidden, residual, correction, gamma, correction2, gate)
+    _kernel("apply_residual_", hidden)(hidden, residual, correction, gamma, correction2, gate)
 
 
+# ------------------------------------------------------------- store_residual_
+@_triton_op("store_residual_", mutates_args=("cache", "delta", "delta2"))
+def _triton_store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor | None,
+                            delta2: Tensor | None = None) -> Tensor:
+    _checks.check_store_residual(cache, delta, out, inp, delta2)
+    _triton_device_ok(cache)
+    return _triton_kernels().store_residual.store_residual_(cache, delta, out, inp, delta2)
+
+
+@_register(check=_checks.check_store_residual, spec=reference.store_residual_,
+           triton=_triton_store_residual_,
+           result=lambda cache, *_: cache.new_empty((cache.shape[0], 4), dtype=torch.float32))
 def store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tensor | None,
                     delta2: Tensor | None = None) -> Tensor:
     """Store a block's (or branch's) output and its finite differences, with statistics.
@@ -369,12 +300,26 @@ def store_residual_(cache: Tensor, delta: Tensor | None, out: Tensor, inp: Tenso
 
     Bytes moved: ``(r + w)·N·s`` with r reads (out, inp if given, cache, delta if
     ``delta2``) and w writes (cache, delta, delta2 if given): 3N·s to 7N·s.
+
+    Kernels: csrc/cpu/store_residual.h (CPU), csrc/cuda/store_residual.cu (CUDA),
+    kernels/store_residual.py (Triton); spec: omnicache.reference.store_residual_.
     """
     _checks.check_types("store_residual_", {"cache": cache, "out": out},
                         {"delta": delta, "inp": inp, "delta2": delta2})
-    return _impls(_resolve("store_residual_", cache)).store_residual_(cache, delta, out, inp, delta2)
+    return _kernel("store_residual_", cache)(cache, delta, out, inp, delta2)
 
 
+# ------------------------------------------------------------- trajectory_stats
+@_triton_op("trajectory_stats", mutates_args=())
+def _triton_trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
+    _checks.check_trajectory_stats(x_next, x, x_prev)
+    _triton_device_ok(x)
+    return _triton_kernels().trajectory_stats.trajectory_stats(x_next, x, x_prev)
+
+
+@_register(check=_checks.check_trajectory_stats, spec=reference.trajectory_stats,
+           triton=_triton_trajectory_stats,
+           result=lambda x_next, x, x_prev: x.new_empty((x.shape[0], 3), dtype=torch.float32))
 def trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
     """Second-order statistics of three consecutive points of a trajectory.
 
@@ -388,11 +333,24 @@ def trajectory_stats(x_next: Tensor, x: Tensor, x_prev: Tensor) -> Tensor:
         ``[B, ...]`` float32/float16/bfloat16, same shape; may be strided.
 
     Bytes moved: 3N·s.
+
+    Kernels: csrc/cpu/trajectory_stats.h (CPU), csrc/cuda/trajectory_stats.cu (CUDA),
+    kernels/trajectory_stats.py (Triton); spec: omnicache.reference.trajectory_stats.
     """
     _checks.check_types("trajectory_stats", {"x_next": x_next, "x": x, "x_prev": x_prev})
-    return _impls(_resolve("trajectory_stats", x_next)).trajectory_stats(x_next, x, x_prev)
+    return _kernel("trajectory_stats", x_next)(x_next, x, x_prev)
 
 
+# ---------------------------------------------------------------------- rel_l1
+@_triton_op("rel_l1", mutates_args=())
+def _triton_rel_l1(a: Tensor, b: Tensor) -> Tensor:
+    _checks.check_rel_l1(a, b)
+    _triton_device_ok(a)
+    return _triton_kernels().rel_l1.rel_l1(a, b)
+
+
+@_register(check=_checks.check_rel_l1, spec=reference.rel_l1, triton=_triton_rel_l1,
+           result=lambda a, *_: a.new_empty((a.shape[0], 2), dtype=torch.float32))
 def rel_l1(a: Tensor, b: Tensor) -> Tensor:
     """Relative-L1 terms: returns ``[B, 2]`` float32 per sample: ``Σ|a - b|, Σ|b|``.
 
@@ -402,11 +360,25 @@ def rel_l1(a: Tensor, b: Tensor) -> Tensor:
         ``[B, ...]`` float32/float16/bfloat16, same shape; may be strided.
 
     Bytes moved: 2N·s.
+
+    Kernels: csrc/cpu/rel_l1.h (CPU), csrc/cuda/rel_l1.cu (CUDA), kernels/rel_l1.py
+    (Triton); spec: omnicache.reference.rel_l1.
     """
     _checks.check_types("rel_l1", {"a": a, "b": b})
-    return _impls(_resolve("rel_l1", a)).rel_l1(a, b)
+    return _kernel("rel_l1", a)(a, b)
 
 
+# --------------------------------------------------------------- token_update_
+@_triton_op("token_update_", mutates_args=("cache",))
+def _triton_token_update_(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor) -> Tensor:
+    _checks.check_token_update(cache, index, values, hidden)
+    _triton_device_ok(hidden)
+    return _triton_kernels().token_update.token_update_(cache, index, values, hidden)
+
+
+@_register(check=_checks.check_token_update, spec=reference.token_update_,
+           triton=_triton_token_update_,
+           result=lambda cache, index, values, hidden: hidden.new_empty(hidden.shape))
 def token_update_(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor) -> Tensor:
     """ToCa's token-wise update: store the recomputed tokens' residuals, reuse the rest.
 
@@ -435,12 +407,27 @@ def token_update_(cache: Tensor, index: Tensor, values: Tensor, hidden: Tensor) 
 
     Bytes moved: ``(3N + K)·C·s`` per sample (reused: hidden, cache, out; selected:
     values, hidden, cache, out), plus the index.
+
+    Kernels: csrc/cpu/token_update.h (CPU; the owner map in csrc/cpu/ops_cpu.cpp),
+    csrc/cuda/token_update.cu (CUDA), kernels/token_update.py (Triton); spec:
+    omnicache.reference.token_update_.
     """
     _checks.check_types("token_update_", {"cache": cache, "index": index, "values": values,
                                           "hidden": hidden})
-    return _impls(_resolve("token_update_", hidden)).token_update_(cache, index, values, hidden)
+    return _kernel("token_update_", hidden)(cache, index, values, hidden)
 
 
+# --------------------------------------------------------------- gather_tokens
+@_triton_op("gather_tokens", mutates_args=())
+def _triton_gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    _checks.check_gather_tokens(x, index)
+    _triton_device_ok(x)
+    return _triton_kernels().token_update.gather_tokens(x, index)
+
+
+@_register(check=_checks.check_gather_tokens, spec=reference.gather_tokens,
+           triton=_triton_gather_tokens,
+           result=lambda x, index: x.new_empty((x.shape[0], index.shape[1], x.shape[2])))
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """``out[b, k] = x[b, index[b, k]]``: ``[B, N, C]``, ``[B, K]`` int64 -> ``[B, K, C]``.
 
@@ -449,10 +436,18 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     :func:`token_update_`; on a GPU a row whose index is outside ``[0, N)`` is NaN.
 
     Bytes moved: ``2K·C·s`` per sample, plus the index.
+
+    Kernels: csrc/cpu/ops_cpu.cpp (CPU; row copies in the torch glue),
+    csrc/cuda/token_update.cu (CUDA), kernels/token_update.py (Triton); spec:
+    omnicache.reference.gather_tokens.
     """
     _checks.check_types("gather_tokens", {"x": x, "index": index})
-    return _impls(_resolve("gather_tokens", x)).gather_tokens(x, index)
+    return _kernel("gather_tokens", x)(x, index)
 
+
+# ------------------------------------------------------------------ the op list
+OPS = tuple(_REGISTRY)  # every op, in section order
+__all__ = [*OPS, "set_backend", "get_backend", "available_backends"]
 
 try:
     set_backend(os.environ.get("OMNICACHE_BACKEND", "auto"))

@@ -20,6 +20,7 @@ import pytest
 CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 HEADERS = sorted(CUDA_DIR.glob("*.h"))  # launcher headers; a .cuh is device code included by the .cu only
+DEVICE_HEADERS = sorted(CUDA_DIR.glob("*.cuh"))
 NVCC = shutil.which("nvcc")
 
 needs_nvcc = pytest.mark.skipif(
@@ -49,7 +50,7 @@ def test_there_are_cuda_sources():
     assert SOURCES, f"no .cu files under {CUDA_DIR}"
 
 
-@pytest.mark.parametrize("path", SOURCES + HEADERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SOURCES + HEADERS + DEVICE_HEADERS, ids=lambda p: p.name)
 def test_kernel_files_are_framework_free(path: Path):
     # The CPU torch wheel lacks complete CUDA headers: kernel files may include only
     # CUDA and standard headers, so that this track can compile them.
