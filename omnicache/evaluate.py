@@ -20,7 +20,8 @@ import torch
 from . import metrics
 from .api import generate
 from .policies import (CachePlan, DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig, NoCacheConfig,
-                       OmniCacheConfig, TaylorSeerConfig, TeaCacheConfig, fit_teacache_coefficients)
+                       OmniCacheConfig, TaylorSeerConfig, TeaCacheConfig)
+from .runtime.engine import RuntimeEngine, calibrate
 from .runtime.samplers import make_sampler
 
 POLICIES: dict[str, type] = {
@@ -143,15 +144,20 @@ class Bench:
         self.reference_acc = class_acc(self.classifier, self.reference.samples, self.labels)
 
     def resolve(self, config):
-        """``config`` as what a run takes: a policy fitted on the model (OmniCache, L2C) is
-        calibrated once on this bench's setting and its plan kept here, with the bench."""
-        if not hasattr(config, "calibrate") or getattr(config, "plan_path", None) is not None:
+        """``config`` as what a run takes: a policy fitted on the model (OmniCache, L2C: kind
+        ``"calibrated"``) is calibrated once on this bench's setting and its plan kept here,
+        with the bench."""
+        if config is None or isinstance(config, CachePlan) or config.kind != "calibrated" or config.plan_path is not None:
             return config
         plans = self.__dict__.setdefault("_plans", {})
         if config not in plans:
-            guidance = self.guidance if self.guidance is not None else getattr(self.model, "default_guidance", 1.0)
-            plans[config] = config.calibrate(self.model, steps=self.steps, sampler=self.sampler, guidance=guidance)
+            plans[config] = calibrate(config, self.model, steps=self.steps, sampler=self.sampler,
+                                      guidance=self._guidance)
         return plans[config]
+
+    @property
+    def _guidance(self) -> float:
+        return self.guidance if self.guidance is not None else getattr(self.model, "default_guidance", 1.0)
 
     def _run(self, policy):
         """The run with the smallest wall time of ``repeats`` (samples are identical)."""
@@ -184,7 +190,8 @@ class Bench:
 
     def compute_fraction(self, config) -> float:
         """Compute fraction of ``config`` on this bench (static plans: one sample suffices)."""
-        labels = self.labels[:1] if getattr(config, "kind", "static") == "static" else self.labels
+        static = isinstance(config, CachePlan) or config.kind in ("static", "calibrated")
+        labels = self.labels[:1] if static else self.labels
         r = generate(self.model, labels, policy=self.resolve(config), steps=self.steps, sampler=self.sampler,
                      guidance=self.guidance, seed=self.seed)
         return r.summary.compute_fraction
@@ -193,9 +200,9 @@ class Bench:
         """TeaCache's polynomial fitted on this model from a calibration batch that is not
         the evaluation batch (other labels order and seed)."""
         labels = torch.arange(10) if labels is None else labels
-        sampler = make_sampler(self.sampler, self.steps)
-        guidance = self.guidance if self.guidance is not None else getattr(self.model, "default_guidance", 1.0)
-        return fit_teacache_coefficients(self.model, sampler, self.steps, labels, guidance=guidance, seed=seed)
+        engine = RuntimeEngine(self.model, labels, steps=self.steps, sampler=self.sampler, guidance=self._guidance,
+                               seed=seed)
+        return TeaCacheConfig().calibrate(engine).coefficients
 
 
 def tune_to_fraction(bench: Bench, name: str, target: float, sets=(), tolerance: float = 0.03):

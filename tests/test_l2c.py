@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from omnicache.policies.l2c import export as l2c_export, router as l2c
-from omnicache.policies.omnicache import calibrate
+from omnicache.policies.omnicache.correction import fit_correction
+from omnicache.runtime import engine as runtime_engine
+from omnicache.runtime.engine import RuntimeEngine
 from omnicache.api import generate
 from omnicache.cli import main as cli_main
 from omnicache.plan import CachePlan
@@ -28,13 +30,19 @@ def tiny(tiny_dit):
 
 
 @pytest.fixture(scope="module")
-def ts(tiny):
-    return l2c.training_set(tiny, steps=STEPS, guidance=2.0, samples=6, seed=0)
+def engine(tiny):
+    """Our runtime as the router's engine: 6 self-generated trajectories, noise seed 0."""
+    return RuntimeEngine(tiny, steps=STEPS, guidance=2.0, samples=6, seed=0)
 
 
 @pytest.fixture(scope="module")
-def trained(tiny, ts):
-    return l2c.train_router(tiny, ts, refresh=2, lam=1e-3, iters=25, lr=0.2, batch=4, init=1.0, progress=False)
+def ts(engine):
+    return engine._training_set()
+
+
+@pytest.fixture(scope="module")
+def trained(engine):
+    return l2c.train_router(engine, refresh=2, lam=1e-3, iters=25, lr=0.2, batch=4, init=1.0, progress=False)
 
 
 # ------------------------------------------------------------------ training set
@@ -54,24 +62,24 @@ def test_self_generated_training_set_is_the_uncached_trajectory(tiny, ts):
 
 
 def test_digits_training_set(tiny):
-    ts = l2c.training_set(tiny, steps=4, guidance=2.0, samples=5, seed=0, data="digits")
+    ts = runtime_engine.training_set(tiny, steps=4, guidance=2.0, samples=5, seed=0, data="digits")
     assert ts.inputs.shape == (4, 5, 1, 8, 8) and ts.source == "digits"
     # x_s = (1 - s) x0 + s eps: the data and noise are recovered from two steps
     s0, s1 = ts.times[0], ts.times[1]
     x0 = (s1 * ts.inputs[0] - s0 * ts.inputs[1]) / (s1 - s0)
     assert float(x0.min()) >= -1 - 1e-4 and float(x0.max()) <= 1 + 1e-4
     with pytest.raises(ValueError, match="data"):
-        l2c.training_set(tiny, steps=4, data="imagenet")
+        runtime_engine.training_set(tiny, steps=4, data="imagenet")
 
 
 # ------------------------------------------------------------------ gradients
-def test_gradients_reach_theta_only(tiny, ts):
+def test_gradients_reach_theta_only(tiny, engine):
     mask = l2c.refresh_mask(STEPS, 2)
     theta = torch.zeros(STEPS, len(tiny.blocks), 2, requires_grad=True)
     for p in tiny.parameters():
         p.requires_grad_(False)
     try:
-        loss, mse = l2c.router_loss(tiny, ts, theta, mask, torch.arange(4), lam=1e-3)
+        loss, mse = l2c.router_loss(engine, theta, mask, torch.arange(4), lam=1e-3)
         loss.backward()
     finally:
         for p in tiny.parameters():
@@ -83,10 +91,10 @@ def test_gradients_reach_theta_only(tiny, ts):
     assert torch.all(g[~full] != 0), "every cache-step branch gets a gradient"
 
 
-def test_training_leaves_the_model_untouched(tiny, ts):
+def test_training_leaves_the_model_untouched(tiny, engine):
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     flags = [p.requires_grad for p in tiny.parameters()]
-    result = l2c.train_router(tiny, ts, iters=3, batch=3, progress=False)
+    result = l2c.train_router(engine, iters=3, batch=3, progress=False)
     for k, v in tiny.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert [p.requires_grad for p in tiny.parameters()] == flags
@@ -97,8 +105,8 @@ def test_training_leaves_the_model_untouched(tiny, ts):
 def test_router_mixture_at_beta_one_is_the_model(tiny):
     """β = 1 everywhere: the routed forward is the plain forward."""
     x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
-    _, cache = l2c.routed_forward(tiny, x, t, y)
-    out, _ = l2c.routed_forward(tiny, x, t, y, torch.ones(3, len(tiny.blocks), 2), cache)
+    _, cache = runtime_engine.routed_forward(tiny, x, t, y)
+    out, _ = runtime_engine.routed_forward(tiny, x, t, y, torch.ones(3, len(tiny.blocks), 2), cache)
     with torch.no_grad():
         torch.testing.assert_close(out, tiny(x, t, y))
 
@@ -110,23 +118,23 @@ def test_loss_decreases_on_a_tiny_model(trained):
     assert last[2] < first[2], "λ Σβ pushes the expected compute down"
 
 
-def test_reconstruction_loss_falls_when_lambda_is_zero(tiny, ts):
+def test_reconstruction_loss_falls_when_lambda_is_zero(engine):
     """No penalty, β from 0.5: the router learns to compute (the mixture error falls)."""
-    r = l2c.train_router(tiny, ts, lam=0.0, iters=15, lr=0.2, batch=4, init=0.0, progress=False)
+    r = l2c.train_router(engine, lam=0.0, iters=15, lr=0.2, batch=4, init=0.0, progress=False)
     assert r.history[-1][1] < 0.5 * r.history[0][1], (r.history[0], r.history[-1])
     assert r.history[-1][2] > r.history[0][2]
 
 
-def test_training_is_deterministic(tiny, ts):
-    a = l2c.train_router(tiny, ts, iters=4, batch=3, seed=7, progress=False)
-    b = l2c.train_router(tiny, ts, iters=4, batch=3, seed=7, progress=False)
-    c = l2c.train_router(tiny, ts, iters=4, batch=3, seed=8, progress=False)
+def test_training_is_deterministic(engine):
+    a = l2c.train_router(engine, iters=4, batch=3, seed=7, progress=False)
+    b = l2c.train_router(engine, iters=4, batch=3, seed=7, progress=False)
+    c = l2c.train_router(engine, iters=4, batch=3, seed=8, progress=False)
     assert torch.equal(a.theta, b.theta) and a.history == b.history
     assert not torch.equal(a.theta, c.theta)
 
 
-def test_theta_is_clamped(tiny, ts):
-    r = l2c.train_router(tiny, ts, lam=10.0, iters=8, lr=2.0, batch=2, progress=False)
+def test_theta_is_clamped(engine):
+    r = l2c.train_router(engine, lam=10.0, iters=8, lr=2.0, batch=2, progress=False)
     assert float(r.theta.abs().max()) <= l2c.THETA_BOUND
     assert float(r.theta.min()) == -l2c.THETA_BOUND  # a huge λ drives θ into the bound
 
@@ -181,7 +189,7 @@ def config(**kw):
 
 def test_plan_round_trips(tiny, tmp_path):
     cfg = config(compute_fraction=0.7)
-    plan = cfg.calibrate(tiny, steps=STEPS, guidance=2.0)
+    plan = cfg.calibrate(RuntimeEngine(tiny, steps=STEPS, guidance=2.0))
     path = tmp_path / "l2c.json"
     plan.save(path)
     loaded = CachePlan.load(path)
@@ -195,7 +203,7 @@ def test_plan_round_trips(tiny, tmp_path):
 
 
 def test_l2c_plan_has_no_host_sync_and_compiles(tiny):
-    plan = config(compute_fraction=0.6).calibrate(tiny, steps=STEPS, guidance=2.0)
+    plan = config(compute_fraction=0.6).calibrate(RuntimeEngine(tiny, steps=STEPS, guidance=2.0))
     assert not all(all(all(p) for p in row) for row in plan.compute)
     labels = torch.tensor([2, 7])
     ex = CacheExecutor(tiny, labels, plan, steps=STEPS, guidance=2.0)
@@ -208,13 +216,14 @@ def test_l2c_plan_has_no_host_sync_and_compiles(tiny):
 
 
 def test_correction_is_fitted_on_the_plan(tiny):
-    plan = config(compute_fraction=0.6).calibrate(tiny, steps=STEPS, guidance=2.0)
+    plan = config(compute_fraction=0.6).calibrate(RuntimeEngine(tiny, steps=STEPS, guidance=2.0))
     labels = torch.arange(6) % 10
-    traj = calibrate.record(tiny, labels, steps=STEPS, guidance=2.0, seed=5, progress=False)
-    fitted = calibrate.fit_plan_closed_loop(tiny, traj, plan, order=2)
-    assert fitted.compute == plan.compute and any(fitted.gamma)
-    err_plain = calibrate.replay_error(tiny, traj, plan)
-    err_fit = calibrate.replay_error(tiny, traj, fitted)
+    eng = RuntimeEngine(tiny, labels, steps=STEPS, guidance=2.0, seed=5)
+    fitted = fit_correction(eng, plan, order=2)
+    assert fitted.compute == plan.compute and any(fitted.gamma) and fitted.meta["policy"] == "L2C+gamma"
+    final = eng.record().latents[-1]
+    err_plain = float((eng.replay(plan).latent - final).double().square().mean())
+    err_fit = float((eng.replay(fitted).latent - final).double().square().mean())
     assert err_fit < err_plain, (err_fit, err_plain)
     # the first cache step has one computed value per branch: no difference to fit
     assert fitted.gamma[1] == 0.0 and fitted.gamma2[1] == 0.0 and fitted.gamma2[3] == 0.0
@@ -245,14 +254,14 @@ def test_config_rejects_bad_values(kwargs, field):
     (dict(lr=float("nan")), "lr"),
     (dict(batch=0), "batch"),
 ])
-def test_train_router_rejects_bad_hyper_parameters(tiny, ts, kwargs, needle):
+def test_train_router_rejects_bad_hyper_parameters(engine, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
-        l2c.train_router(tiny, ts, progress=False, **kwargs)
+        l2c.train_router(engine, progress=False, **kwargs)
 
 
 def test_zero_steps_rejected(tiny):
     with pytest.raises(ValueError, match="steps"):
-        config().calibrate(tiny, steps=0, guidance=2.0)
+        config().calibrate(RuntimeEngine(tiny, steps=0, guidance=2.0))
 
 
 # ------------------------------------------------------------------ the command
@@ -286,7 +295,7 @@ def test_train_router_command_bad_arguments(tmp_path, capsys, args, needle):
 
 
 def test_bad_plan_file_names_the_field(tmp_path, tiny):
-    plan = config(compute_fraction=0.7).calibrate(tiny, steps=STEPS, guidance=2.0)
+    plan = config(compute_fraction=0.7).calibrate(RuntimeEngine(tiny, steps=STEPS, guidance=2.0))
     d = plan.to_dict()
     d["compute"][3][0] = [True, "no"]
     path = tmp_path / "bad.json"

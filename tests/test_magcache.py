@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from omnicache.policies import MagCacheConfig, fit_magcache_ratios
+from omnicache.policies import MagCacheConfig
+from omnicache.runtime import RuntimeEngine
 from omnicache.policies.magcache import magcache_schedule, mag_ratios_from_residuals
 from omnicache.runtime.executor import CacheExecutor
 
@@ -75,7 +76,7 @@ def test_ratios_from_residuals():
 
 def test_on_our_runtime(tiny_dit):
     labels = torch.tensor([1, 4])
-    ratios = fit_magcache_ratios(tiny_dit, labels, steps=STEPS, guidance=2.0)
+    ratios = MagCacheConfig().calibrate(RuntimeEngine(tiny_dit, labels, steps=STEPS, guidance=2.0)).mag_ratios
     assert len(ratios) == STEPS and ratios[0] == 1.0 and all(r > 0 for r in ratios)
     cfg = MagCacheConfig(threshold=0.3, retention_ratio=0.1, mag_ratios=ratios)
     ref, _ = CacheExecutor(tiny_dit, labels, None, steps=STEPS, guidance=2.0).run(0)

@@ -15,6 +15,7 @@ from omnicache.api import generate
 from omnicache.plan import CachePlan
 from omnicache.policies import OmniCacheConfig, forecast_coefficients
 from omnicache.runtime.default import load_default
+from omnicache.runtime.engine import RuntimeEngine
 from omnicache.runtime.executor import CacheExecutor
 from omnicache.runtime.syncguard import no_host_sync
 
@@ -80,7 +81,7 @@ def test_config_validation_names_field(kwargs, field):
 def test_calibrated_plan_respects_constraints_and_budget(tiny, kwargs):
     steps = 16
     cfg = OmniCacheConfig(calibration_samples=4, **kwargs)
-    plan = cfg.calibrate(tiny, steps=steps, guidance=2.0)
+    plan = cfg.calibrate(RuntimeEngine(tiny, steps=steps, guidance=2.0))
     comp = computed(plan)
     assert plan.steps == steps and plan.blocks == len(tiny.blocks) and plan.granularity == cfg.granularity
     assert all(comp[: cfg.warmup]) and all(comp[steps - cfg.tail:])
@@ -102,7 +103,7 @@ def test_calibrated_plan_respects_constraints_and_budget(tiny, kwargs):
 def test_infeasible_fraction_names_the_constraints(tiny):
     with pytest.raises(ValueError, match="max_consecutive=1"):
         OmniCacheConfig(compute_fraction=0.2, max_consecutive=1, calibration_samples=2).calibrate(
-            tiny, steps=10, guidance=2.0)
+            RuntimeEngine(tiny, steps=10, guidance=2.0))
 
 
 def test_uniform_reuse_spreads_evenly():
@@ -197,7 +198,7 @@ def test_context_dp_matches_brute_force():
 @pytest.fixture(scope="module", params=[False, True], ids=["order2", "order2-filtered"])
 def omni_plan(request, tiny):
     cfg = OmniCacheConfig(compute_fraction=0.5, max_consecutive=2, filtering=request.param, calibration_samples=4)
-    return cfg.calibrate(tiny, steps=10, guidance=2.0)
+    return cfg.calibrate(RuntimeEngine(tiny, steps=10, guidance=2.0))
 
 
 def test_plan_replays_without_host_sync(tiny, omni_plan):
@@ -287,7 +288,7 @@ def test_bad_filter_setting_is_refused_before_sampling(tiny):
     import dataclasses
 
     cfg = OmniCacheConfig(compute_fraction=0.5, max_consecutive=2, filtering=True, calibration_samples=4)
-    plan = cfg.calibrate(tiny, steps=10, guidance=2.0)
+    plan = cfg.calibrate(RuntimeEngine(tiny, steps=10, guidance=2.0))
     for bad, needle in ((dict(grid=[3, 5]), "grid"), (dict(low_cutoff=2.0), "low_cutoff"),
                         (dict(bogus=1), "bogus")):
         meta = dict(plan.meta, filter=dict(plan.meta["filter"], **bad))

@@ -12,7 +12,6 @@ from omnicache.policies import (
     OmniCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
-    fit_teacache_coefficients,
     forecast_coefficients,
 )
 from omnicache.runtime import make_dit
@@ -153,13 +152,15 @@ def test_first_block_cache_threshold_and_warmup():
 
 
 def test_fit_teacache_coefficients():
+    from omnicache.runtime import RuntimeEngine
+
     torch.manual_seed(0)
     model = make_dit("tiny")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     labels = torch.arange(4)
-    coef = fit_teacache_coefficients(model.eval(), "flow", 12, labels, guidance=2.0, degree=2)
+    coef = TeaCacheConfig(degree=2).calibrate(RuntimeEngine(model.eval(), labels, steps=12, guidance=2.0)).coefficients
     assert len(coef) == 3 and all(np.isfinite(coef))
     TeaCacheConfig(coefficients=coef)  # usable as is
     # the fit predicts the residual change better than the identity
@@ -169,4 +170,4 @@ def test_fit_teacache_coefficients():
     y = np.array([v for d in stats[1:] for v in d["residual_rel_l1"]])
     assert np.abs(np.polyval(coef, x) - y).mean() < np.abs(x - y).mean()
     with pytest.raises(ValueError, match="cannot fit degree"):
-        fit_teacache_coefficients(model, "flow", 2, labels[:1], degree=4)
+        TeaCacheConfig(degree=4).calibrate(RuntimeEngine(model, labels[:1], steps=2))

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ..runtime.engine import calibrate
 from .checks import OneLineParser, check_device, check_number, check_out_file, check_seed
 
 
@@ -86,7 +87,7 @@ def cmd_calibrate(argv) -> int:
 
         model = load_default(device=args.device)
         guidance = args.guidance if args.guidance is not None else getattr(model, "default_guidance", 1.0)
-        plan = config.calibrate(model, steps=args.steps, sampler=args.sampler, guidance=guidance, progress=True)
+        plan = calibrate(config, model, steps=args.steps, sampler=args.sampler, guidance=guidance, progress=True)
         plan.save(args.out)
     except (ValueError, RuntimeError, OSError) as err:
         print(f"omnicache calibrate: error: {err}", file=sys.stderr)
@@ -155,7 +156,7 @@ def cmd_train_router(argv) -> int:
         model = load_default(device=args.device)
         guidance = args.guidance if args.guidance is not None else getattr(model, "default_guidance", 1.0)
         t0 = time.perf_counter()
-        plan = config.calibrate(model, steps=args.steps, sampler=args.sampler, guidance=guidance, progress=True)
+        plan = calibrate(config, model, steps=args.steps, sampler=args.sampler, guidance=guidance, progress=True)
         seconds = time.perf_counter() - t0
         plan.save(args.out)
     except (ValueError, RuntimeError, OSError) as err:

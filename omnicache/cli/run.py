@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_path, atomic_write_text
+from ..runtime.engine import calibrate
 from .checks import check_device, check_number, check_out_file, check_out_folder, check_seed
 
 
@@ -119,8 +120,8 @@ def _l2c_plans(bench, args) -> list:
         plan = CachePlan.load(path)
     else:
         guidance = bench.guidance if bench.guidance is not None else getattr(model, "default_guidance", 1.0)
-        plan = L2CConfig(correction=True).calibrate(model, steps=args.steps, sampler=args.sampler,
-                                                    guidance=guidance, progress=True)
+        plan = calibrate(L2CConfig(correction=True), model, steps=args.steps, sampler=args.sampler,
+                         guidance=guidance, progress=True)
     share = plan.meta["removed_in_cache_steps"]
     plain = dataclasses.replace(plan, gamma=None, gamma2=None,
                                 meta=dict(plan.meta, policy=f"l2c(removed={share:.0%})"))

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .common import check_granularity, check_int, check_number
+from .common import PolicyConfig, check_granularity, check_int, check_number
 
 __all__ = ["AdaCacheConfig", "CODEBOOKS"]
 
@@ -41,7 +41,7 @@ CODEBOOKS = {
 
 
 @dataclass(frozen=True)
-class AdaCacheConfig:
+class AdaCacheConfig(PolicyConfig):
     """``codebook``: ``"fast"``, ``"slow"`` or a tuple of ``(rate, steps)`` pairs with
     increasing rates (the last ``inf``); ``scale``: every rate threshold is multiplied by it
     (the knob a compute target is tuned with); ``moreg``: motion regularisation (video);
@@ -88,31 +88,27 @@ class AdaCacheDecider:
     """See the module docstring. Per sample: the step of the next computation and the step
     and motion of the last one."""
 
+    signal = "residual"
     ref_every_step = False
     mode = "host"
     last_blocks = 0
 
     def __init__(self, config: AdaCacheConfig):
         self.config, self.first_blocks, self.batch = config, config.first_blocks, 0
+        self.motion = config.moreg  # MoReg: the engine reports each step's motion first
         book = CODEBOOKS[config.codebook] if isinstance(config.codebook, str) else config.codebook
         self.book = [(rate * config.scale, n) for rate, n in book]
         self.next = self.last = self.rate = []
-        self.motion, self.motion0, self.motion_last = None, None, []
+        self.observed, self.motion0, self.motion_last = None, None, []
 
     def start(self, batch: int) -> None:
         self.batch = batch
         self.next, self.last, self.rate = [0] * batch, [0] * batch, [None] * batch
-        self.motion, self.motion0, self.motion_last = None, None, [None] * batch
-
-    def signal(self, model, h0, h, c):
-        return h - h0
-
-    def signal_flops(self, flops: dict, config) -> float:
-        return 0.0
+        self.observed, self.motion0, self.motion_last = None, None, [None] * batch
 
     def observe_motion(self, motion: list) -> None:
         """MoReg: this step's motion per sample (see the module docstring)."""
-        self.motion = list(motion)
+        self.observed = list(motion)
         if self.motion0 is None:
             self.motion0 = [max(m, 1e-12) for m in motion]
 
@@ -129,14 +125,14 @@ class AdaCacheDecider:
                 rate = None
                 if rel is not None and i > self.last[s]:
                     rate = rel[s] / (i - self.last[s])
-                    if self.config.moreg and self.motion is not None:
-                        m, prev = self.motion[s], self.motion_last[s]
+                    if self.config.moreg and self.observed is not None:
+                        m, prev = self.observed[s], self.motion_last[s]
                         grad = max(0.0, m - prev) if prev is not None else 0.0
                         rate *= (m + grad) / self.motion0[s]
                 self.next[s] = i + (1 if rate is None or i < self.config.warmup else self.skip(rate))
                 self.last[s], self.rate[s] = i, rate
-                if self.motion is not None:
-                    self.motion_last[s] = self.motion[s]
+                if self.observed is not None:
+                    self.motion_last[s] = self.observed[s]
             out.append(compute)
         return out
 

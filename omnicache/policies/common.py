@@ -1,15 +1,26 @@
-"""Helpers shared by the policy configs: field validation and refresh schedules."""
+"""What the policy configs share: the declared interface, field validation, refresh schedules."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
-from ..plan import GRANULARITIES
+from ..plan import DEFAULT_BRANCHES, GRANULARITIES
 
-__all__ = ["check_int", "check_number", "check_granularity", "check_mode", "refresh_steps", "describe", "MODES"]
+__all__ = ["PolicyConfig", "check_int", "check_number", "check_granularity", "check_mode", "refresh_steps",
+           "describe", "MODES"]
 
 MODES = ("host", "device", "device-where")  # dynamic policies: where the decision is taken
+
+
+class PolicyConfig:
+    """What every policy config declares (:mod:`omnicache.cache.policy` reads it, no engine
+    probes a config): ``kind`` (``"static"``, ``"calibrated"``, ``"dynamic"`` or ``"token"``)
+    and ``branches``, the branch names of its branch-level plans."""
+
+    kind: ClassVar[str] = "static"
+    branches: ClassVar[tuple] = DEFAULT_BRANCHES
 
 
 def check_int(config, name: str, lo: int = 0) -> None:

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..plan import CachePlan
-from .common import check_granularity, check_int, check_number, describe, refresh_steps
+from .common import PolicyConfig, check_granularity, check_int, check_number, describe, refresh_steps
 
 __all__ = ["DeltaDiTConfig"]
 
 
 @dataclass(frozen=True)
-class DeltaDiTConfig:
+class DeltaDiTConfig(PolicyConfig):
     """``interval``: refresh period; ``group_size``: cached blocks (None = half the depth);
     ``boundary``: fraction of the steps that reuse the rear group before switching to the
     front group; ``warmup``: first steps always computed."""

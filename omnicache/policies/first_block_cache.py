@@ -27,13 +27,13 @@ from typing import ClassVar
 
 import torch
 
-from .common import check_granularity, check_int, check_mode, check_number
+from .common import PolicyConfig, check_granularity, check_int, check_mode, check_number
 
 __all__ = ["FirstBlockCacheConfig"]
 
 
 @dataclass(frozen=True)
-class FirstBlockCacheConfig:
+class FirstBlockCacheConfig(PolicyConfig):
     """``threshold``: relative-L1 change of the first blocks' residual below which the rest
     is reused; ``first_blocks``: Fn blocks always computed; ``warmup``: first steps computed;
     ``mode``: ``"host"`` (one sync per step) or ``"device"`` (no sync; see the module docstring);
@@ -71,9 +71,12 @@ class FirstBlockCacheConfig:
 
 
 class FirstBlockCacheDecider:
-    """See the module docstring."""
+    """See the module docstring. Declares its signal (``omnicache.cache.decisions``): the
+    first blocks' residual, compared with the last computed step's."""
 
+    signal = "residual"
     ref_every_step = False  # the reference is the residual at the last computed step
+    motion = False
 
     def __init__(self, config: FirstBlockCacheConfig):
         self.config, self.first_blocks, self.last_blocks, self.batch = config, config.first_blocks, \
@@ -84,12 +87,6 @@ class FirstBlockCacheDecider:
     def start(self, batch: int) -> None:
         self.batch = batch
         self.cached_run = [0] * batch
-
-    def signal(self, model, h0, h, c):
-        return h - h0
-
-    def signal_flops(self, flops: dict, config) -> float:
-        return 0.0
 
     def decide(self, i: int, rel: list | None) -> list[bool]:
         if len(self.cached_run) != self.batch:

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..plan import CachePlan
-from .common import check_granularity, check_int, describe, refresh_steps
+from .common import PolicyConfig, check_granularity, check_int, describe, refresh_steps
 
 __all__ = ["FORAConfig"]
 
 
 @dataclass(frozen=True)
-class FORAConfig:
+class FORAConfig(PolicyConfig):
     """``interval``: refresh period N (N = 1 is uncached); ``warmup``: first steps always computed."""
 
     interval: int = 3

@@ -3,8 +3,7 @@
 The magnitude ratio of step ``t`` is ``γ_t = mean over tokens of ‖r_t‖ / ‖r_{t-1}‖``, ``r``
 the block stack's residual (output minus input of the blocks), ``γ_0 = 1``. It is a
 property of the model and the sampler, nearly the same for any input, so it is measured
-once on an uncached run (:func:`fit_magcache_ratios` on our runtime,
-``omnicache.integrations.diffusers.fit_magcache`` on a diffusers model) and stored in the
+once on an uncached run (:func:`fit_magcache`, through any engine) and stored in the
 config. The rule, from step ``round(retention_ratio * steps)`` on:
 
     ratio *= γ_t;  n += 1;  err += |1 - ratio|
@@ -20,6 +19,7 @@ resampled to this one by nearest index, as the reference implementation does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,14 +27,14 @@ from typing import ClassVar
 import torch
 
 from ..plan import CachePlan
-from .common import check_granularity, check_int, check_number, describe
+from .common import PolicyConfig, check_granularity, check_int, check_number, describe
 
 __all__ = ["MagCacheConfig", "magcache_schedule", "token_norms", "mag_ratios_from_norms", "mag_ratios_from_residuals",
-           "fit_magcache_ratios"]
+           "fit_magcache"]
 
 
 @dataclass(frozen=True)
-class MagCacheConfig:
+class MagCacheConfig(PolicyConfig):
     """``threshold``: accumulated error below which a step is skipped; ``max_skip_steps``: most
     skipped steps in a row (K); ``retention_ratio``: leading fraction of the steps always
     computed; ``mag_ratios``: the model's per-step magnitude ratios (calibrate to get them)."""
@@ -65,11 +65,15 @@ class MagCacheConfig:
         g = check_granularity(self, granularity, ("step",))
         if self.mag_ratios is None:
             raise ValueError("MagCacheConfig.mag_ratios is None: measure them on the model first "
-                             "(omnicache.integrations.diffusers.fit_magcache(pipe, config, ...) or "
-                             "omnicache.policies.magcache.fit_magcache_ratios(model, ...))")
+                             "(config.calibrate(engine), e.g. omnicache.integrations.diffusers.calibrate(pipe, config, "
+                             "...) or config.calibrate(omnicache.runtime.RuntimeEngine(model, labels, steps=...)))")
         compute = magcache_schedule(self.mag_ratios, steps, self.threshold, self.max_skip_steps,
                                     self.retention_ratio)
         return CachePlan(steps, blocks, g, [[[c, c]] * blocks for c in compute], meta=describe(self))
+
+    def calibrate(self, engine) -> MagCacheConfig:
+        """This config with the magnitude ratios of ``engine``'s model (:func:`fit_magcache`)."""
+        return fit_magcache(engine, self)
 
 
 def _resample(ratios, steps: int) -> list[float]:
@@ -129,10 +133,14 @@ def mag_ratios_from_residuals(residuals) -> tuple:
 
 
 @torch.no_grad()
-def fit_magcache_ratios(model, labels, *, steps: int, sampler="flow", guidance: float = 1.0,
-                        seed: int = 0) -> tuple:
-    """The magnitude ratios of our runtime's ``model``, from one uncached run of ``labels``."""
-    from .omnicache.calibrate import record
-
-    traj = record(model, labels, steps=steps, sampler=sampler, guidance=guidance, seed=seed, progress=False)
-    return mag_ratios_from_residuals(traj.residuals)
+def fit_magcache(engine, config: MagCacheConfig) -> MagCacheConfig:
+    """``config`` with the magnitude ratios of ``engine``'s model, from one uncached run
+    (:meth:`omnicache.cache.Engine.record`): ``γ_t`` the mean over tokens of
+    ``‖r_t‖ / ‖r_{t-1}‖``, ``r`` the ``hidden_states`` residual of the block stack (each
+    block's, on models whose token layout changes between blocks), every cache context's
+    tokens pooled."""
+    rec = engine.record()
+    if rec.steps < 2:
+        raise ValueError(f"fit_magcache: the run made {rec.steps} step(s); ratios need at least 2")
+    return dataclasses.replace(config, mag_ratios=mag_ratios_from_residuals(
+        [rec.stream(t, "hidden_states") for t in range(rec.steps)]))

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..plan import CachePlan
-from .common import check_granularity, describe
+from .common import PolicyConfig, check_granularity, describe
 
 __all__ = ["NoCacheConfig"]
 
 
 @dataclass(frozen=True)
-class NoCacheConfig:
+class NoCacheConfig(PolicyConfig):
     """Uncached sampling (a plan of all ``True``; nothing is stored)."""
 
     granularity: str = "step"

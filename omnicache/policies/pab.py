@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..plan import CachePlan
-from .common import check_granularity, check_int, check_number, describe
+from .common import PolicyConfig, check_granularity, check_int, check_number, describe
 
 __all__ = ["PABConfig", "TGATEConfig", "NAMED_BRANCHES"]
 
@@ -66,7 +66,7 @@ def broadcast_steps(steps: int, every: int, window) -> list[bool]:
 
 
 @dataclass(frozen=True)
-class PABConfig:
+class PABConfig(PolicyConfig):
     """``spatial_range`` / ``temporal_range`` / ``cross_range`` / ``mlp_range``: broadcast
     ranges (1 = computed every step); ``*_window``: where broadcasting applies, as
     ``(lo, hi)`` of ``t/T``."""
@@ -118,7 +118,7 @@ class PABConfig:
 
 
 @dataclass(frozen=True)
-class TGATEConfig:
+class TGATEConfig(PolicyConfig):
     """``gate``: the fraction of the steps after which cross-attention is cached for good
     (its value at step ``round(gate * steps)`` is the last computed); ``self_interval``:
     before the gate and after ``warmup`` steps, self-attention (spatial and temporal) is

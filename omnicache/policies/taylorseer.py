@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..plan import CachePlan
-from .common import check_granularity, check_int, describe, refresh_steps
+from .common import PolicyConfig, check_granularity, check_int, describe, refresh_steps
 
 __all__ = ["TaylorSeerConfig", "forecast_coefficients"]
 
@@ -57,7 +57,7 @@ def forecast_coefficients(full_steps: list[int], step: int, order: int) -> tuple
 
 
 @dataclass(frozen=True)
-class TaylorSeerConfig:
+class TaylorSeerConfig(PolicyConfig):
     """``interval``: full step every N; ``order``: 1 or 2 (differences kept);
     ``warmup``: first steps always computed (they also seed the differences)."""
 

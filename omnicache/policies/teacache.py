@@ -13,12 +13,13 @@ at the sample's last computed step. The first and last steps always compute.
 
 ``mode="device"`` (or ``"device-where"``, see :func:`.common.check_mode`): the accumulators are float64 device tensors and the same rule runs
 there (:meth:`TeaCacheDecider.decide_device`, through :class:`omnicache.cache.DeviceDecisions`):
-no host sync per step. The default ``coefficients`` are the identity; :func:`fit_teacache_coefficients` fits them on
-a model from one uncached run.
+no host sync per step. The default ``coefficients`` are the identity; :func:`fit_teacache` fits them on
+the user's model from one uncached run, through any engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -26,23 +27,24 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..runtime.model import modulate
-from .common import check_granularity, check_mode, check_number
+from .common import PolicyConfig, check_granularity, check_int, check_mode, check_number
 
-__all__ = ["TeaCacheConfig", "fit_teacache_coefficients"]
+__all__ = ["TeaCacheConfig", "fit_teacache"]
 
 
 @dataclass(frozen=True)
-class TeaCacheConfig:
+class TeaCacheConfig(PolicyConfig):
     """``threshold``: accumulated rescaled change that triggers a compute (0 computes every
     step); ``coefficients``: rescaling polynomial, highest degree first; ``mode``: ``"host"``
     (the decision on the host, one sync per step) or ``"device"`` (state, threshold test and
-    compute-or-reuse on the device: no sync, ``fullgraph`` compile, CUDA graphs)."""
+    compute-or-reuse on the device: no sync, ``fullgraph`` compile, CUDA graphs); ``degree``: of
+    the polynomial :meth:`calibrate` fits."""
 
     threshold: float = 0.05
     coefficients: tuple = (1.0, 0.0)
     granularity: str = "step"
     mode: str = "host"
+    degree: int = 4
     kind: ClassVar[str] = "dynamic"
 
     def __post_init__(self):
@@ -55,30 +57,31 @@ class TeaCacheConfig:
         object.__setattr__(self, "coefficients", tuple(float(v) for v in coef))
         check_granularity(self, None, ("step",))
         check_mode(self)
+        check_int(self, "degree", 1)
 
     def decider(self, steps: int, blocks: int, granularity: str | None = None) -> TeaCacheDecider:
         check_granularity(self, granularity, ("step",))
         return TeaCacheDecider(self, steps)
 
+    def calibrate(self, engine) -> TeaCacheConfig:
+        """This config with its polynomial fitted on ``engine``'s model (:func:`fit_teacache`)."""
+        return fit_teacache(engine, self)
+
 
 class TeaCacheDecider:
-    """Per-sample accumulators; see the module docstring."""
+    """Per-sample accumulators; see the module docstring. Declares its signal
+    (``omnicache.cache.decisions``): block 0's timestep-modulated input, compared with the
+    previous step's."""
 
+    signal = "modulated_input"
     first_blocks = 0  # the decision comes before any block
+    last_blocks = 0
     ref_every_step = True  # m_{i-1} is the previous step's input, computed or not
+    motion = False
 
     def __init__(self, config: TeaCacheConfig, steps: int):
         self.config, self.steps, self.acc = config, steps, []
         self.mode = config.mode
-
-    def signal(self, model, h0, h, c):
-        blk = model.blocks[0]
-        mod = blk.modulation(c)
-        return modulate(blk.norm1(h), mod[0], mod[1])
-
-    def signal_flops(self, flops: dict, config) -> float:
-        """Block 0's modulation and ``modulate`` (norm not counted, as in ``flops_per_sample``)."""
-        return flops["block_modulation"] + 2 * config.num_tokens * config.hidden_size
 
     def start(self, batch: int) -> None:
         self.acc = [0.0] * batch
@@ -120,23 +123,22 @@ class TeaCacheDecider:
         return compute
 
 
-def fit_teacache_coefficients(model, sampler, steps: int, labels: torch.Tensor, *, guidance: float = 1.0,
-                              seed: int = 0, degree: int = 4) -> tuple:
-    """Fit ``p`` with ``numpy.polyfit`` so that ``p(rel of the modulated input)`` predicts the
-    relative L1 change of the block stack's residual, from one uncached run of ``labels``.
-
-    Returns the coefficients, highest degree first, for ``TeaCacheConfig(coefficients=...)``.
-    """
-    from ..runtime.executor import CacheExecutor  # the executor imports nothing from policies
-
-    ex = CacheExecutor(model, labels, TeaCacheConfig(threshold=0.0), steps=steps, sampler=sampler,
-                       guidance=guidance)
-    _, summary = ex.run(seed)
+def fit_teacache(engine, config: TeaCacheConfig) -> TeaCacheConfig:
+    """TeaCache's rescaling polynomial fitted on ``engine``'s model from one uncached run
+    (:class:`omnicache.cache.Engine`: a replay at ``threshold=0``, every step computed):
+    ``numpy.polyfit`` of the relative L1 change of the cached blocks' residual against that of
+    the modulated input, every context's steps (after its first) and samples. Returns
+    ``config`` with those ``coefficients`` (highest degree first, ``config.degree``)."""
+    degree = config.degree
+    summary = engine.replay(dataclasses.replace(config, threshold=0.0, mode="host")).summary
     xs, ys = [], []
-    for d in summary.stats[1:]:  # step 0 has no previous step
-        xs += d["signal_rel_l1"]
-        ys += d["residual_rel_l1"]
+    for ctx in summary.contexts.values():
+        for d in ctx["stats"][1:]:  # the first step has no previous one
+            x, y = d["signal_rel_l1"], d["residual_rel_l1"]
+            for a, b in zip(x if isinstance(x, list) else [x], y if isinstance(y, list) else [y]):
+                if a is not None and b is not None:
+                    xs.append(a)
+                    ys.append(b)
     if len(xs) <= degree:
-        raise ValueError(f"fit_teacache_coefficients: {len(xs)} points cannot fit degree {degree}; "
-                         f"use more steps or labels")
-    return tuple(float(v) for v in np.polyfit(xs, ys, degree))
+        raise ValueError(f"fit_teacache: {len(xs)} points cannot fit degree {degree}; use more steps or inputs")
+    return dataclasses.replace(config, coefficients=tuple(float(v) for v in np.polyfit(xs, ys, degree)))

@@ -27,13 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .common import check_int, check_number, refresh_steps
+from .common import PolicyConfig, check_int, check_number, refresh_steps
 
 __all__ = ["ToCaConfig"]
 
 
 @dataclass(frozen=True)
-class ToCaConfig:
+class ToCaConfig(PolicyConfig):
     """``interval``: full steps every N; ``ratio``: the reused share of tokens at the other
     steps (R); ``warmup``: first steps full; ``magnitude_weight``: the residual magnitude's
     weight in the score."""

@@ -1,9 +1,10 @@
 """Learning-to-Cache (Ma et al., 2024): a router learned on the frozen model, used as a static plan.
 
-:mod:`.router` trains the router and thresholds it into a branch-level
-:class:`~omnicache.plan.CachePlan`; this config is what ``generate``, the executor, the
-demo and ``omnicache eval`` take: a saved plan (``plan_path``) or the training settings
-(the router is then trained when a plan is asked for: hold the plan and reuse it).
+:mod:`.router` trains the router through any engine (:class:`omnicache.cache.Engine`) and
+:mod:`.export` thresholds it into a branch-level :class:`~omnicache.plan.CachePlan`; this
+config is what ``generate``, the executor, the demo and ``omnicache eval`` take: a saved
+plan (``plan_path``) or the training settings (the router is then trained when a plan is
+asked for, :meth:`L2CConfig.calibrate`: hold the plan and reuse it).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...plan import CachePlan
-from ..common import check_int, check_number
+from ..common import PolicyConfig, check_int, check_number
 
 __all__ = ["L2CConfig"]
 
 @dataclass(frozen=True)
-class L2CConfig:
+class L2CConfig(PolicyConfig):
     """Args:
         compute_fraction: calibrate the β threshold so the plan spends this FLOP fraction
             (None: use ``threshold``).
@@ -51,7 +52,7 @@ class L2CConfig:
     calibration_seed: int = 1234
     plan_path: str | None = None
     granularity: str = "branch"
-    kind: ClassVar[str] = "static"
+    kind: ClassVar[str] = "calibrated"
 
     def __post_init__(self):
         if self.compute_fraction is not None:
@@ -84,8 +85,7 @@ class L2CConfig:
         for engines without separate branches (the diffusers integration)."""
         if self.plan_path is None:
             raise ValueError("L2CConfig.plan_path is None: train the router on a model first "
-                             "(generate() and the executor do this on omnicache's DiT; for other engines "
-                             "pass a plan written by `omnicache train-router`)")
+                             "(config.calibrate(engine); generate() and the executor do this on omnicache's DiT)")
         if granularity not in (None, "branch", "block"):
             raise ValueError(f"granularity: an L2C plan is branch-level (or projected to 'block'), "
                              f"got {granularity!r}")
@@ -95,45 +95,35 @@ class L2CConfig:
                              f"blocks, the run has {steps} x {blocks}")
         return plan.to_block() if granularity == "block" else plan
 
-    def train(self, model, *, steps: int, sampler="flow", guidance: float = 1.0, progress: bool = False):
-        """Train the router on ``model``: a :class:`.router.RouterResult` (not memoised)."""
-        from . import router
-
-        ts = router.training_set(model, steps=steps, sampler=sampler, guidance=guidance,
-                                 samples=self.train_samples, seed=self.seed, data=self.data)
-        return router.train_router(model, ts, refresh=self.refresh, lam=self.lam, iters=self.iters, lr=self.lr,
-                                   batch=self.batch, init=self.init, weight_decay=self.weight_decay,
-                                   seed=self.seed, progress=progress)
-
-    def calibrate(self, model, *, steps: int, sampler="flow", guidance: float = 1.0,
-                  granularity: str | None = None, progress: bool = False) -> CachePlan:
-        """Train the router on ``model`` (or load ``plan_path``) and export the plan: a value
-        the caller holds and reuses (nothing is memoised here)."""
-        import torch
-
-        from ..omnicache import calibrate
-        from .export import export_plan
+    def calibrate(self, engine, *, granularity: str | None = None, progress: bool = False) -> CachePlan:
+        """Train the router on ``engine``'s model (:class:`omnicache.cache.Engine`; its training
+        batch ``train_samples``, ``seed``, ``data`` where the engine chooses its inputs) and export
+        the plan, with OmniCache's closed-loop γ when ``correction`` (on the calibration batch):
+        a value the caller holds and reuses (nothing is memoised here). With ``plan_path``, the
+        saved plan."""
+        from ..omnicache.correction import fit_correction
+        from .export import costs_dict, export_plan
+        from .router import train_router
 
         if self.plan_path is not None:
-            return self.plan(steps, len(model.blocks), granularity)
+            return self.plan(engine.steps, engine.blocks, granularity)
         if granularity not in (None, "branch"):
             raise ValueError(f"granularity: an L2C plan is branch-level, got {granularity!r}")
-        result = self.train(model, steps=steps, sampler=sampler, guidance=guidance, progress=progress)
+        correct = engine.with_inputs(self.calibration_samples, self.calibration_seed) if self.correction else None
+        if correct is not None and correct.record().latents is None:  # refused before the training
+            raise ValueError("L2CConfig.correction: γ on a branch plan is fitted against the uncached next latent "
+                             "through the sampler step; this engine has none (a bare transformer: pass a pipeline)")
+        train = engine.with_inputs(self.train_samples, self.seed, "data" if self.data == "digits" else "self")
+        result = train_router(train, refresh=self.refresh, lam=self.lam, iters=self.iters, lr=self.lr,
+                              batch=self.batch, init=self.init, weight_decay=self.weight_decay, seed=self.seed,
+                              progress=progress)
         loss, mse, expected = result.history[-1]
+        flops = costs_dict(train.costs())
         meta = dict(lam=self.lam, final_loss=loss, final_mse=mse, expected_compute=expected,
-                    train_seconds=round(result.seconds, 1), training=result.settings,
-                    sampler=sampler if isinstance(sampler, str) else type(sampler).__name__,
-                    guidance=float(guidance), beta=[[[round(float(v), 4) for v in pair] for pair in row]
-                                                    for row in result.beta.tolist()])
-        plan = export_plan(result.beta, result.refresh, model.flops_per_sample(), threshold=self.threshold,
+                    train_seconds=round(result.seconds, 1), training=dict(result.settings, data=self.data),
+                    beta=[[[round(float(v), 4) for v in pair] for pair in row] for row in result.beta.tolist()])
+        meta.update(train.meta())
+        plan = export_plan(result.beta, result.refresh, flops, threshold=self.threshold,
                            compute_fraction=self.compute_fraction, meta=meta)
-        if self.correction:
-            device = next(model.parameters()).device
-            labels = torch.arange(self.calibration_samples, device=device) % model.config.num_classes
-            traj = calibrate.record(model, labels, steps=steps, sampler=sampler, guidance=guidance,
-                                    seed=self.calibration_seed, progress=progress)
-            plan = calibrate.fit_plan_closed_loop(model, traj, plan, order=2)
-            plan.meta.update(policy="L2C+gamma", correction="closed-loop gamma (order 2)",
-                             calibration_samples=self.calibration_samples,
-                             calibration_seed=self.calibration_seed)
-        return plan
+        plan.meta["flops_per_step"] = flops
+        return fit_correction(correct, plan, order=2) if correct is not None else plan

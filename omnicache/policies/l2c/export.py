@@ -11,23 +11,34 @@ from __future__ import annotations
 
 import torch
 
+from ...cache import Costs
 from ...plan import CachePlan
 
-__all__ = ["export_plan", "removed_shares", "branch_costs"]
+__all__ = ["export_plan", "removed_shares", "branch_costs", "costs_dict"]
 
 
-def branch_costs(flops: dict, blocks: int) -> tuple[float, list, list, float]:
-    """``(fixed, attn[b], mlp[b], total)`` FLOPs per step and sample: what every step spends
-    (``fixed``: embedders, final layer, every block's modulation), each block's attention
-    and MLP branch, and an uncached step. ``flops`` is a model's ``flops_per_sample()``
-    (uniform blocks) or, for engines whose blocks differ (diffusers), per-block lists
-    ``block_attn`` / ``block_mlp`` with ``fixed`` and ``total``."""
+def branch_costs(flops, blocks: int) -> tuple[float, list, list, float]:
+    """``(fixed, attn[b], mlp[b], total)`` FLOPs of a step: what every step spends
+    (``fixed``: outside the blocks, and every block's own code: modulation, gates), each
+    block's attention and MLP branch, and an uncached step. ``flops`` is an engine's
+    :class:`omnicache.cache.Costs`, or its dict form (:func:`costs_dict`, what a plan's
+    ``meta["flops_per_step"]`` holds), or a model's ``flops_per_sample()`` (uniform blocks)."""
+    if isinstance(flops, Costs):
+        return (float(flops.outside + sum(p[-1] for p in flops.parts)), [float(p[0]) for p in flops.parts],
+                [float(p[1]) for p in flops.parts], float(flops.uncached))
     attn, mlp = flops["block_attn"], flops["block_mlp"]
     attn = [float(a) for a in attn] if isinstance(attn, (list, tuple)) else [float(attn)] * blocks
     mlp = [float(m) for m in mlp] if isinstance(mlp, (list, tuple)) else [float(mlp)] * blocks
     fixed = flops["fixed"] if "fixed" in flops else \
         flops["embed"] + flops["final"] + blocks * flops["block_modulation"]
     return float(fixed), attn, mlp, float(flops["total"])
+
+
+def costs_dict(costs: Costs) -> dict:
+    """An engine's costs in the form a plan records (``meta["flops_per_step"]``): ``fixed``,
+    per-block ``block_attn`` / ``block_mlp``, ``total``."""
+    fixed, attn, mlp, total = branch_costs(costs, len(costs.parts))
+    return {"fixed": fixed, "block_attn": attn, "block_mlp": mlp, "total": total}
 
 
 def _spent(compute: torch.Tensor, flops: dict):

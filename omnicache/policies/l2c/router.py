@@ -7,26 +7,25 @@ weight per step and branch, the same for every input (input-invariant, timestep-
 compute every branch. The other steps are *cache steps*: there each branch either
 computes or reuses its value from the step before.
 
-**Training** (the model stays frozen; only ``θ`` gets gradients). While training, at a
-cache step ``i`` each branch outputs the mixture
+**Training** (the model stays frozen; only ``θ`` gets gradients), through any engine
+(:meth:`omnicache.cache.Engine.mixed_error`). While training, at a cache step ``i`` each
+branch outputs the mixture
 
     m = β[i, b, k] · f(h) + (1 − β[i, b, k]) · cache[b, k]
 
 (``f`` the branch's pre-gate output, gated afterwards by the step's adaLN gate exactly as
-the executor applies a cached branch), and ``m`` becomes the cache the next cache step
-reads: at β ∈ {0, 1} this is what the executor does (store on compute, keep on reuse).
-The inputs are teacher-forced: every step starts from the uncached trajectory's state,
-and each refresh segment (a full step and the cache steps after it) starts from the full
-step's branch outputs. Per cache step ``i``, with ε the sampler's noise prediction
-(guided, as sampling uses it; ``ε = x_s + (1 − s) v`` for the velocity model)::
-
-    loss_i = mean((ε_full − ε_β)²) + λ · Σ_{b,k} β[i, b, k]
-
-and the loss of an iteration is the mean of ``loss_i`` over the cache steps (every
-segment, a minibatch of samples). ``θ`` is clamped to ``[−5, 5]`` after each AdamW step.
-The training inputs are trajectories the model generates itself (``data="self"``: one
-uncached run per sample, the sampler's own states), or the digits data set noised to each
-step's time (``data="digits"``).
+a cached branch is applied), and ``m`` becomes the cache the next cache step reads: at
+β ∈ {0, 1} this is what the engines do (store on compute, keep on reuse). The inputs are
+teacher-forced: every step starts from the uncached trajectory's state, and each refresh
+segment (a full step and the cache steps after it) starts from the full step's branch
+outputs. Per cache step ``i`` the engine measures the output's squared error against the
+uncached output, weighted by what it leaves in the next latent (our runtime: the guided
+noise prediction's, ``ε = x_s + (1 − s) v``; diffusers: times the scheduler step's
+sensitivity); the loss of an iteration is its mean over the cache steps (every segment,
+context and sample of a minibatch) plus ``λ · Σ_{b,k} β[i, b, k]`` averaged over the cache
+steps. ``θ`` is clamped to ``[−5, 5]`` after each AdamW step. Our runtime trains on
+trajectories the model generates itself (``data="self"``) or on the digits data set noised
+to each step's time (``data="digits"``); diffusers on the recorded calls of the user's run.
 
 **Export.** Thresholding β gives a branch-level :class:`~omnicache.plan.CachePlan`:
 refresh steps compute everything; at cache steps a branch computes where
@@ -46,143 +45,19 @@ import time
 import torch
 from tqdm import tqdm
 
-from ...runtime.samplers import cfg_combine, cfg_labels, make_sampler
 from .export import branch_costs
 
-__all__ = ["TrainingSet", "RouterResult", "training_set", "refresh_mask", "routed_forward", "router_loss",
-           "train_router", "optimize_router", "expected_compute"]
+__all__ = ["RouterResult", "refresh_mask", "router_loss", "train_router", "optimize_router", "expected_compute",
+           "THETA_BOUND"]
 
 THETA_BOUND = 5.0
 
 
-# ------------------------------------------------------------------ training data
-@dataclasses.dataclass
-class TrainingSet:
-    """Per step ``i``: ``inputs[i]`` the model inputs ``(N, C, H, W)`` in flow coordinates at
-    flow time ``times[i]``, ``targets[i]`` the full model's guided velocity there; ``labels``
-    (N,). The reconstruction loss at step ``i`` is ``weights[i]² · mean((v_β − v_full)²)``
-    with ``weights[i] = 1 − s_i``: exactly ``mean((ε_β − ε_full)²)``, since
-    ``ε = x_s + (1 − s) v`` at the same input ``x_s``. (Weighting by the error of the
-    sampler's next state instead was tried: 1.2 dB lower at compute 0.75 and 0.9 dB at 0.6
-    on the embedded model, flow sampler.)"""
-
-    inputs: torch.Tensor  # (steps, N, C, H, W)
-    times: list
-    targets: torch.Tensor  # (steps, N, C, H, W): the full model's guided velocity
-    labels: torch.Tensor
-    guidance: float
-    source: str
-    weights: list  # per step: 1 - s_i, the ε error's weight on the velocity error
-
-
-def _guided(model, x, t, labels, guidance):
-    """The guided velocity for rows ``x`` (``[x; x]`` with ``[labels; null]`` under CFG)."""
-    if guidance == 1.0:
-        return model(x, t, labels).float()
-    y = cfg_labels(labels, model.config.num_classes)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), y).float()
-    return cfg_combine(out, guidance)
-
-
-@torch.no_grad()
-def training_set(model, *, steps: int, sampler="flow", guidance: float = 1.0, samples: int = 64, seed: int = 0,
-                 data: str = "self") -> TrainingSet:
-    """The router's training inputs: self-generated trajectories or noised data (see module)."""
-    if isinstance(sampler, str):
-        sampler = make_sampler(sampler, steps)
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    cfg = model.config
-    generator = torch.Generator().manual_seed(seed)
-    if data == "self":
-        labels = (torch.arange(samples) % cfg.num_classes).to(device)
-        shape = (samples, cfg.in_channels, cfg.input_size, cfg.input_size)
-        x = sampler.init_noise(shape, generator=generator, device=device)
-        inputs, targets = [], []
-        for i in range(steps):
-            x_model, t = sampler.model_input(i, x)
-            v = _guided(model, x_model.to(dtype), t, labels, guidance)
-            inputs.append(x_model.float())
-            targets.append(v)
-            x = sampler.step(i, x, v)
-    elif data == "digits":
-        from ...train_default import digits_split
-
-        x0, y, _, _ = digits_split()
-        if tuple(x0.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):
-            raise ValueError(f"data='digits' gives {tuple(x0.shape[1:])} images; the model takes "
-                             f"{(cfg.in_channels, cfg.input_size, cfg.input_size)}")
-        pick = torch.randperm(x0.shape[0], generator=generator)[:samples]
-        x0, labels = x0[pick].to(device), y[pick].to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        inputs, targets = [], []
-        for i in range(steps):
-            s = sampler.timesteps[i]
-            x_model = (1.0 - s) * x0 + s * noise
-            t = torch.full((x0.shape[0],), s, device=device)
-            v = _guided(model, x_model.to(dtype), t, labels, guidance)
-            inputs.append(x_model)
-            targets.append(v)
-    else:
-        raise ValueError(f"data must be 'self' or 'digits', got {data!r}")
-    return TrainingSet(torch.stack(inputs), list(sampler.timesteps), torch.stack(targets), labels,
-                       float(guidance), data, [1.0 - s for s in sampler.timesteps])
-
-
-# ------------------------------------------------------------------ router forward
 def refresh_mask(steps: int, refresh: int) -> list[bool]:
     """Full-refresh steps: ``i % refresh == 0`` (the paper's alternation is ``refresh=2``)."""
     return [i % refresh == 0 for i in range(steps)]
 
 
-def routed_forward(model, x, t, y, beta=None, cache=None):
-    """One DiT forward whose branches mix with a cache.
-
-    ``x`` (R, C, H, W), ``t`` (R,), ``y`` (R,); ``beta`` (R, blocks, 2) per-row branch
-    weights or None (every branch computes: a full step); ``cache`` per block a pair of
-    (R, T, D) pre-gate branch values. Returns ``(velocity, new_cache)`` where the new cache
-    holds each branch's (mixed) output.
-    """
-    h, c = model.embed(x, t, y)
-    new = []
-    for b, blk in enumerate(model.blocks):
-        mod = blk.modulation(c)
-        pair = []
-        for k, (branch, gate) in enumerate(((blk.attn_branch, mod[2]), (blk.mlp_branch, mod[5]))):
-            f = branch(h, mod)
-            if beta is not None:
-                w = beta[:, b, k].view(-1, 1, 1).to(f.dtype)
-                f = w * f + (1.0 - w) * cache[b][k]
-            pair.append(f)
-            h = h + gate.unsqueeze(1) * f
-        new.append(pair)
-    return model.final(h, c).float(), new
-
-
-def _rows(ts: TrainingSet, step_idx: list, sample_idx: torch.Tensor, num_classes: int, dtype):
-    """Rows for steps ``step_idx`` × samples ``sample_idx``: (x, t, y) laid out
-    ``[cond (steps × samples); uncond]`` under CFG."""
-    S, B = len(step_idx), sample_idx.numel()
-    x = ts.inputs[step_idx][:, sample_idx].flatten(0, 1).to(dtype)  # (S·B, C, H, W)
-    t = torch.tensor([ts.times[i] for i in step_idx], dtype=torch.float32,
-                     device=x.device).repeat_interleave(B)
-    y = ts.labels[sample_idx].repeat(S)
-    if ts.guidance != 1.0:
-        return torch.cat([x, x]), torch.cat([t, t]), cfg_labels(y, num_classes)
-    return x, t, y
-
-
-def _segments(mask: list[bool]) -> list[list[int]]:
-    """``[[full step, cache steps after it...], ...]``."""
-    out = []
-    for i, full in enumerate(mask):
-        if full:
-            out.append([i])
-        else:
-            out[-1].append(i)
-    return out
-
-
-# ------------------------------------------------------------------ training
 @dataclasses.dataclass
 class RouterResult:
     """A trained router: ``theta`` (steps, blocks, 2), ``refresh`` mask, the loss history
@@ -199,7 +74,7 @@ class RouterResult:
         return torch.sigmoid(self.theta)
 
 
-def expected_compute(beta: torch.Tensor, mask: list[bool], flops: dict) -> torch.Tensor:
+def expected_compute(beta: torch.Tensor, mask: list[bool], flops) -> torch.Tensor:
     """The FLOP fraction a plan with soft decisions ``beta`` would spend (refresh steps = 1)."""
     fixed, attn, mlp, total = branch_costs(flops, beta.shape[1])
     full = torch.tensor(mask, dtype=torch.bool, device=beta.device)
@@ -238,78 +113,51 @@ def _check_settings(steps, refresh, lam, iters, lr, batch, init, weight_decay):
         bad("weight_decay", "a finite number >= 0", weight_decay)
 
 
-def router_loss(model, ts: TrainingSet, theta: torch.Tensor, mask: list[bool], sample_idx: torch.Tensor,
+def router_loss(engine, theta: torch.Tensor, mask: list[bool], sample_idx: torch.Tensor,
                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, mse)`` of one iteration on samples ``sample_idx``: every refresh segment,
-    its cache steps batched together position by position (see the module docstring).
-    Differentiable in ``theta`` (the model's own parameters should be frozen)."""
-    device, dtype = ts.inputs.device, next(model.parameters()).dtype
-    B, R = sample_idx.numel(), 2 if ts.guidance != 1.0 else 1
-    num_classes = model.config.num_classes
-    segments = [s for s in _segments(mask) if len(s) > 1]
-    cache_steps = sum(len(s) - 1 for s in segments)
-    if not cache_steps:
+    """``(loss, mse)`` of one iteration on the samples ``sample_idx``: the engine's mixed
+    error over the cache steps (:meth:`Engine.mixed_error`), averaged, plus ``λ`` times the
+    mean over cache steps of ``Σ β``. Differentiable in ``theta``."""
+    cache = [i for i, full in enumerate(mask) if not full]
+    if not cache:
         raise ValueError("the refresh pattern leaves no cache steps")
     beta = torch.sigmoid(theta)
-    with torch.no_grad():  # the full steps: every branch computes, their outputs seed the caches
-        x, t, y = _rows(ts, [s[0] for s in segments], sample_idx, num_classes, dtype)
-        _, cache = routed_forward(model, x, t, y)
-    mse_sum = beta.new_zeros(())
-    for pos in range(1, max(len(s) for s in segments)):
-        active = [a for a, s in enumerate(segments) if len(s) > pos]
-        if len(active) < len(segments):  # keep the cache rows of the segments still running
-            keep = torch.tensor(active, device=device)
-            cache = [[c.unflatten(0, (R, len(segments), B)).index_select(1, keep).flatten(0, 2) for c in pair]
-                     for pair in cache]
-            segments = [segments[a] for a in active]
-        step_idx = [s[pos] for s in segments]
-        x, t, y = _rows(ts, step_idx, sample_idx, num_classes, dtype)
-        beta_rows = beta[step_idx].repeat_interleave(B, 0).repeat(R, 1, 1)
-        v, cache = routed_forward(model, x, t, y, beta_rows, cache)
-        if R == 2:
-            v = cfg_combine(v, ts.guidance)
-        target = ts.targets[step_idx][:, sample_idx].flatten(0, 1)
-        w2 = torch.tensor([ts.weights[i] ** 2 for i in step_idx], device=device)
-        per_step = (v - target).square().flatten(1).mean(1).view(len(step_idx), B).mean(1)
-        mse_sum = mse_sum + (w2 * per_step).sum()
-    mse = mse_sum / cache_steps
-    penalty = beta[[i for i, full in enumerate(mask) if not full]].sum() / cache_steps
-    return mse + lam * penalty, mse
+    err, terms = engine.mixed_error(beta, mask, sample_idx)
+    mse = err / terms
+    return mse + lam * (beta[cache].sum() / len(cache)), mse
 
 
-def train_router(model, ts: TrainingSet, *, refresh: int = 2, lam: float = 1e-4, iters: int = 100,
-                 lr: float = 0.1, batch: int = 8, init: float = 3.0, weight_decay: float = 0.0, seed: int = 0,
-                 progress: bool = True) -> RouterResult:
-    """Train ``θ`` on ``ts`` (see the module docstring); the model's weights are not touched
-    (``requires_grad`` is switched off while training and restored after).
+def train_router(engine, *, refresh: int = 2, lam: float = 1e-4, iters: int = 100, lr: float = 0.1, batch: int = 8,
+                 init: float = 3.0, weight_decay: float = 0.0, seed: int = 0, progress: bool = True) -> RouterResult:
+    """Train ``θ`` on ``engine``'s model (see the module docstring); the model's weights are not
+    touched (``requires_grad`` is switched off while training and restored after).
 
-    Deterministic for a seed: the minibatches come from a generator seeded with ``seed``,
-    θ starts at ``init`` everywhere, and the CPU kernels are deterministic.
-    """
-    steps, N = ts.inputs.shape[0], ts.inputs.shape[1]
+    Deterministic for a seed: the minibatches come from a generator seeded with ``seed``, θ
+    starts at ``init`` everywhere, and the CPU kernels are deterministic."""
+    steps = engine.steps
     _check_settings(steps, refresh, lam, iters, lr, batch, init, weight_decay)
     mask = refresh_mask(steps, refresh)
-    result = optimize_router(lambda theta, idx: router_loss(model, ts, theta, mask, idx, lam), model,
-                             (steps, len(model.blocks), 2), N, mask, model.flops_per_sample(), iters=iters,
-                             lr=lr, batch=batch, init=init, weight_decay=weight_decay, seed=seed, progress=progress,
-                             device=ts.inputs.device)
-    result.settings.update(refresh=refresh, lam=lam, data=ts.source)
+    result = optimize_router(lambda theta, idx: router_loss(engine, theta, mask, idx, lam), engine,
+                             (steps, engine.blocks, 2), engine.training_samples(), mask, engine.costs(), iters=iters,
+                             lr=lr, batch=batch, init=init, weight_decay=weight_decay, seed=seed, progress=progress)
+    result.settings.update(refresh=refresh, lam=lam)
     return result
 
 
-def optimize_router(loss_fn, model, shape: tuple, samples: int, mask: list[bool], flops: dict, *, iters: int,
-                    lr: float, batch: int, init: float, weight_decay: float, seed: int, progress: bool,
-                    device) -> RouterResult:
-    """The router's optimisation, for any engine: ``loss_fn(theta, sample_idx) -> (loss, mse)``
-    on a minibatch of the ``samples`` training samples; AdamW on ``θ`` (``shape``, starting at
-    ``init``), clamped to ``[-5, 5]``; ``model``'s weights frozen meanwhile (restored after)."""
+def optimize_router(loss_fn, engine, shape: tuple, samples: int, mask: list[bool], flops, *, iters: int,
+                    lr: float, batch: int, init: float, weight_decay: float, seed: int, progress: bool) -> RouterResult:
+    """The router's optimisation: ``loss_fn(theta, sample_idx) -> (loss, mse)`` on a minibatch of
+    the ``samples`` training samples; AdamW on ``θ`` (``shape``, starting at ``init``), clamped
+    to ``[-5, 5]``; the engine's model weights frozen meanwhile (restored after)."""
+    params = list(engine.parameters())
+    device = params[0].device
     theta = torch.full(shape, float(init), device=device, requires_grad=True)
     opt = torch.optim.AdamW([theta], lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     B = min(batch, samples)
     history = []
-    frozen = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
+    frozen = [p.requires_grad for p in params]
+    for p in params:
         p.requires_grad_(False)
     t0 = time.perf_counter()
     try:
@@ -328,7 +176,7 @@ def optimize_router(loss_fn, model, shape: tuple, samples: int, mask: list[bool]
                 bar.set_postfix(loss=f"{history[-1][0]:.3e}", mse=f"{history[-1][1]:.2e}",
                                 compute=f"{fraction:.3f}")
     finally:
-        for p, req in zip(model.parameters(), frozen):
+        for p, req in zip(params, frozen):
             p.requires_grad_(req)
     settings = dict(iters=iters, lr=lr, batch=B, init=init, weight_decay=weight_decay, seed=seed,
                     train_samples=samples)

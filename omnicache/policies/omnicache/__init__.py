@@ -1,21 +1,23 @@
 """OmniCache: reuse placed by the sampling trajectory's geometry, plus cache-noise correction.
 
-Static: a calibration run on the model (:mod:`.calibrate`) costs every possible
-reuse by the error it injects under the chosen correction, the exact DP picks the reuse
-steps, and ``(γ1, γ2)`` are fitted by least squares on the cached calibration run; the
-result is a :class:`~omnicache.plan.CachePlan` replayed with zero host syncs.
+Calibrated on the model, through any engine (:class:`omnicache.cache.Engine`): a
+calibration run (:mod:`.calibrate`) costs every possible reuse by the error it injects
+under the chosen correction, the exact DP picks the reuse steps, and ``(γ1, γ2)`` are
+fitted closed-loop on the cached run (:mod:`.correction`); the result is a
+:class:`~omnicache.plan.CachePlan` replayed with zero host syncs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ...plan import CachePlan
-from ..common import check_granularity, check_int, check_number
+from ..common import PolicyConfig, check_granularity, check_int, check_number
 
 @dataclass(frozen=True)
-class OmniCacheConfig:
+class OmniCacheConfig(PolicyConfig):
     """Args:
         compute_fraction: share of the uncached steps to compute (the rest are reused).
         warmup, tail: first / last steps always computed.
@@ -34,9 +36,11 @@ class OmniCacheConfig:
         pca: with ``selection="curvature"``, measure the angle in the top-3 PCA space.
         search: also run the DP under tighter constraints (shorter runs, a longer tail)
             and keep the schedule whose replay on a held-out half of the calibration
-            batch ends closest to uncached.
+            batch ends closest to uncached (where the engine replays its inputs separately;
+            a diffusers pipeline call is one unit: no search there).
         granularity: ``"step"`` (one residual for the block stack) or ``"block"``.
-        calibration_samples, calibration_seed: the calibration batch (classes in turn).
+        calibration_samples, calibration_seed: the calibration batch, where the engine
+            chooses its inputs (our runtime: classes in turn).
         plan_path: a saved plan to use instead of calibrating.
     """
 
@@ -55,7 +59,7 @@ class OmniCacheConfig:
     calibration_samples: int = 20
     calibration_seed: int = 1234
     plan_path: str | None = None
-    kind: ClassVar[str] = "static"
+    kind: ClassVar[str] = "calibrated"
 
     def __post_init__(self):
         check_number(self, "compute_fraction", 1e-9, 1.0)
@@ -90,33 +94,27 @@ class OmniCacheConfig:
         """The saved plan (``plan_path``); without one, use :meth:`calibrate`."""
         if self.plan_path is None:
             raise ValueError("OmniCacheConfig.plan_path is None: calibrate on a model first "
-                             "(generate() and the executor do this themselves)")
+                             "(config.calibrate(engine); generate() and the executor do this themselves)")
         plan = CachePlan.load(self.plan_path)
         if plan.steps != steps or plan.blocks != blocks:
             raise ValueError(f"OmniCacheConfig.plan_path: plan is for {plan.steps} steps x {plan.blocks} "
                              f"blocks, the run has {steps} x {blocks}")
         return plan
 
-    def calibrate(self, model, *, steps: int, sampler="flow", guidance: float = 1.0,
-                  granularity: str | None = None, progress: bool = False) -> CachePlan:
-        """Calibrate on ``model`` (one uncached run of the calibration batch) and return the
-        plan: a value the caller holds and reuses (nothing is memoised here)."""
-        import torch
-
-        from . import calibrate
+    def calibrate(self, engine, *, granularity: str | None = None) -> CachePlan:
+        """Calibrate on ``engine``'s model (:class:`omnicache.cache.Engine`; its calibration batch:
+        ``calibration_samples`` inputs, noise ``calibration_seed``, where the engine chooses its
+        inputs) and return the plan: a value the caller holds and reuses (nothing is memoised
+        here). With ``plan_path``, the saved plan."""
+        from .calibrate import build_plan
 
         if self.plan_path is not None:
-            return self.plan(steps, len(model.blocks))
+            return self.plan(engine.steps, engine.blocks)
         g = check_granularity(self, granularity, allowed=("step", "block"))
-        device = next(model.parameters()).device
-        labels = torch.arange(self.calibration_samples, device=device) % model.config.num_classes
-        traj = calibrate.record(model, labels, steps=steps, sampler=sampler, guidance=guidance,
-                                seed=self.calibration_seed, progress=progress)
-        return calibrate.build_plan(
-            calibrate.RuntimeEngine(model, traj), compute_fraction=self.compute_fraction, warmup=self.warmup, tail=self.tail,
-            max_consecutive=self.max_consecutive, order=self.order if self.correction else 0,
-            selection=self.selection, pca=self.pca, filtering=self.filtering, search=self.search, fit=self.fit,
-            granularity=g,
-            meta=dict(sampler=sampler if isinstance(sampler, str) else type(sampler).__name__,
-                      guidance=float(guidance), calibration_samples=self.calibration_samples,
-                      calibration_seed=self.calibration_seed))
+        engine = engine.with_inputs(self.calibration_samples, self.calibration_seed)
+        plan = build_plan(engine, compute_fraction=self.compute_fraction, warmup=self.warmup, tail=self.tail,
+                          max_consecutive=self.max_consecutive, order=self.order if self.correction else 0,
+                          selection=self.selection, pca=self.pca, filtering=self.filtering, search=self.search,
+                          fit=self.fit, granularity=g)
+        plan.meta["config"] = dataclasses.asdict(dataclasses.replace(self, search=plan.meta["search"]))
+        return plan
