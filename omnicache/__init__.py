@@ -6,6 +6,8 @@
     result.samples, result.summary.compute_fraction
 
 ``omnicache.ops`` holds the fused cache ops, usable alone by other engines.
+``omnicache.fit_correction(engine, plan)`` fits OmniCache's cache-noise correction on any plan
+through any engine (:class:`omnicache.cache.Engine`).
 
 The names below are imported on first access (PEP 562), so ``import omnicache.ops``
 loads the op layer alone: not the runtime, the policies or the integrations.
@@ -38,6 +40,7 @@ _SOURCES = {
     "TGATEConfig": ".policies",
     "ToCaConfig": ".policies",
     "AdaCacheConfig": ".policies",
+    "fit_correction": ".policies.omnicache.correction",
 }
 
 __all__ = list(_SOURCES)

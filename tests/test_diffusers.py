@@ -12,7 +12,7 @@ pytest.importorskip("diffusers", reason="diffusers is not installed (pip install
 import diffusers_models as dm  # noqa: E402
 
 from omnicache.integrations import diffusers as od  # noqa: E402
-from omnicache.integrations.diffusers.adapters import model_blocks  # noqa: E402
+from omnicache.integrations.diffusers.models import model_blocks  # noqa: E402
 from omnicache.plan import CachePlan  # noqa: E402
 from omnicache.policies import (FirstBlockCacheConfig, FORAConfig, NoCacheConfig, TaylorSeerConfig,  # noqa: E402
                                 TeaCacheConfig)
@@ -26,13 +26,13 @@ def _max_err(a, b):
 
 
 def _n_blocks(m):
-    return sum(len(getattr(m, name)) for name in od.SUPPORTED_MODELS[type(m).__name__])
+    return sum(len(getattr(m, name)) for name in od.MODELS[type(m).__name__].blocks)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_block_order_matches_forward(name):
     """The adapter's block order (MODELS: lists in turn, or interleaved) is the order forward calls them."""
-    from omnicache.integrations.diffusers.adapters import model_blocks
+    from omnicache.integrations.diffusers.models import model_blocks
 
     m, shape, inputs = dm.make(name)
     order = [b.module for b in model_blocks(m)]
@@ -97,7 +97,7 @@ def test_latte_step_plans_run_per_block(config):
     outs = []
     for plan in (step, block):
         od.enable(m, plan, steps=STEPS)
-        rt = od.runtime_of(m)[1]
+        rt = od.adapter_of(m)[1]
         assert rt.units == [(b, b + 1) for b in range(n)]
         outs.append(dm.sample(m, shape, inputs, STEPS))
         s = od.summary(m)
@@ -339,7 +339,7 @@ def test_cuda_graph_capture_replay():
     with torch.no_grad():
         eager = run(lambda i, x: m(**cuda_inputs(x, t_of(i)), return_dict=False)[0])  # allocates the buffers
     od.reset(m)
-    rt = od._runtime(m)[1]
+    rt = od.adapter_of(m)[1]
     static_x, static_t = torch.zeros(shape, device="cuda"), torch.zeros(shape[0], device="cuda")
     graphs = {}  # one graph per distinct step pattern; the buffers exist, so capture allocates none
 
@@ -356,9 +356,7 @@ def test_cuda_graph_capture_replay():
             # capture recorded the call without running it: undo its bookkeeping
             ctx = rt.current
             ctx.step -= 1
-            ctx.trace.pop()
-            ctx.stats.pop()
-            ctx.flops.pop()
+            ctx.log.pop()
             rt.installer.switch(ctx.name)
         g, static_out = graphs[key]
         g.replay()

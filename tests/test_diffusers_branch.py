@@ -17,7 +17,7 @@ from omnicache.policies import FirstBlockCacheConfig, FORAConfig, L2CConfig, Tea
 
 STEPS = 6
 # the models whose every block class declares its attention/MLP branches and batched arguments
-# (adapters.BlockIO attn/mlp/batched); the others project branch plans to blocks and refuse
+# (models.BlockIO attn/mlp/batched); the others project branch plans to blocks and refuse
 # per_sample (tested in test_blocks_without_branches_project_branch_plans)
 MODELS = ["DiT", "PixArt", "Flux", "SD3", "Wan", "CogVideoX", "Latte"]
 # per-sample decisions also need dim 0 of every block input to be the batch: not Latte's
@@ -30,7 +30,7 @@ def _max_err(a, b):
 
 
 def _n_blocks(m):
-    return sum(len(getattr(m, name)) for name in od.SUPPORTED_MODELS[type(m).__name__])
+    return sum(len(getattr(m, name)) for name in od.MODELS[type(m).__name__].blocks)
 
 
 def _l2c_like_plan(steps, blocks):
@@ -57,7 +57,7 @@ def test_full_branch_plan_equals_unpatched_and_disable_restores(name):
     ref = dm.sample(m, shape, inputs, STEPS)
     before = _snapshot(m)
     od.enable(m, CachePlan.full(STEPS, _n_blocks(m), "branch"), steps=STEPS)
-    rt = od.runtime_of(m)[1]
+    rt = od.adapter_of(m)[1]
     assert rt.granularity == "branch"
     assert any("forward" in vars(sub) for bb in rt.bound for _, _, sub in bb.branches())
     out = dm.sample(m, shape, inputs, STEPS)
@@ -78,7 +78,7 @@ def test_branch_reuse_returns_the_pre_gate_output_forecast(name):
     gamma, gamma2 = [0, 0, 0, 0.5, 0, 0.7], [0, 0, 0, 0.25, 0, 0.3]
     plan = CachePlan(STEPS, n, "branch", compute, gamma, gamma2)
     od.enable(m, plan, steps=STEPS)
-    rt = od.runtime_of(m)[1]
+    rt = od.adapter_of(m)[1]
     seen, handles = {}, []  # (block, kind, j) -> per step: the submodule's output (a tuple's tensors)
     for k, bb in enumerate(rt.bound):
         for kind, j, sub in bb.branches():
@@ -125,10 +125,11 @@ def test_branch_plan_keeps_its_saving_and_summary_matches_plan_fraction(tmp_path
     path = tmp_path / "l2c.json"
     plan.save(path)
     od.enable(m, L2CConfig(plan_path=str(path)), steps=STEPS)
-    rt = od.runtime_of(m)[1]
+    rt = od.adapter_of(m)[1]
     dm.sample(m, shape, inputs, STEPS)
     s = od.summary(m)
-    part, outside = [list(p) for p in rt.part_cost], rt.outside_cost
+    costs = next(iter(rt.session.costs.values()))  # the linear FLOPs measured per block and branch
+    part, outside = [list(p) for p in costs.parts], costs.outside
     od.disable(m)
     assert s.granularity == "branch" and s.contexts[None]["branch_trace"] == plan.compute
     assert all(p[0] > 0 and p[1] > 0 and p[2] > 0 for p in part) and outside > 0
@@ -155,7 +156,7 @@ def test_blocks_without_branches_project_branch_plans(monkeypatch):
     n = _n_blocks(m)
     for config in (FORAConfig(), _l2c_like_plan(STEPS, n)):
         od.enable(m, config, steps=STEPS)
-        assert od.runtime_of(m)[1].granularity == "block"
+        assert od.adapter_of(m)[1].granularity == "block"
         dm.sample(m, shape, inputs, STEPS)
         assert od.summary(m).granularity == "block"
         od.disable(m)
@@ -176,7 +177,7 @@ def test_branch_compile_fullgraph_no_recompile():
     p = _l2c_like_plan(STEPS, _n_blocks(m))
     plan = CachePlan(STEPS, p.blocks, "branch", p.compute, p.gamma, [0.0] * (STEPS - 1) + [0.25])
     od.enable(m, plan, steps=STEPS)
-    assert len(set(od.runtime_of(m)[1].actions)) >= 4
+    assert len(set(od.adapter_of(m)[1].session.actions)) >= 4
     eager = dm.sample(m, shape, inputs, STEPS)
     frac = od.summary(m).compute_fraction
     compiled = torch.compile(m, fullgraph=True)
@@ -226,7 +227,7 @@ def test_per_sample_equals_each_sample_alone(name, config):
     best = None  # the threshold (a midpoint between measured changes) with the most mixed steps
     for thr in [(a + b) / 2 for a, b in zip(rels, rels[1:])]:
         od.enable(m, config(threshold=thr), steps=steps, per_sample=True)
-        rt = od.runtime_of(m)[1]
+        rt = od.adapter_of(m)[1]
         outs = _run(m, x, inputs, steps)
         s = od.summary(m)
         od.disable(m)
@@ -237,7 +238,8 @@ def test_per_sample_equals_each_sample_alone(name, config):
     mixed, thr, dec, outs, s, rt = best
     assert mixed >= 1 and all(len(d) == 2 for d in dec)
     # the sub-batch's linear FLOPs: each remaining block at the fraction of samples that ran it
-    trace, cost, outside = s.contexts[None]["trace"], rt.block_cost, rt.outside_cost
+    costs = next(iter(rt.session.costs.values()))
+    trace, cost, outside = s.contexts[None]["trace"], [sum(p) for p in costs.parts], costs.outside
     assert [row[-1] for row in trace] == [sum(d) / 2 for d in dec]
     spent = sum(outside + sum(w * c for w, c in zip(cost, row)) for row in trace)
     assert abs(s.compute_fraction - spent / (steps * (outside + sum(cost)))) < 1e-9

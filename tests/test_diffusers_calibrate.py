@@ -1,4 +1,4 @@
-"""Calibration on the user's own diffusers model: oc.calibrate (OmniCache), oc.fit_teacache,
+"""Calibration on the user's own diffusers model: oc.calibrate (OmniCache, L2C, TeaCache, MagCache),
 plans that know their model, on a tiny random Flux driven by a plain Euler loop and by a
 real FluxPipeline (no text encoders: prompt_embeds are passed)."""
 
@@ -12,6 +12,7 @@ pytest.importorskip("diffusers", reason="diffusers is not installed (pip install
 import diffusers_models as dm  # noqa: E402
 
 from omnicache.integrations import diffusers as oc  # noqa: E402
+from omnicache import fit_correction  # noqa: E402
 from omnicache.plan import CachePlan  # noqa: E402
 from omnicache.policies import FORAConfig, L2CConfig, OmniCacheConfig, TeaCacheConfig  # noqa: E402
 
@@ -133,7 +134,7 @@ def test_uncalibrated_configs_and_missing_steps_refused_at_enable():
 
 def test_fit_teacache_on_the_model():
     m, shape, inputs = dm.make("Flux")
-    cfg = oc.fit_teacache(m, TeaCacheConfig(threshold=0.05), run=euler(m, shape, inputs, 0), steps=STEPS, degree=2)
+    cfg = oc.calibrate(m, TeaCacheConfig(threshold=0.05, degree=2), run=euler(m, shape, inputs, 0), steps=STEPS)
     assert len(cfg.coefficients) == 3 and cfg.coefficients != TeaCacheConfig().coefficients
     oc.enable(m, cfg, steps=STEPS)
     euler(m, shape, inputs, 1)()
@@ -146,7 +147,7 @@ def test_train_router_plan_keeps_its_branch_saving():
     """Learning-to-Cache on tiny Flux: the summary's counted compute fraction equals the plan's
     branch-level fraction (FLOPs measured per block and branch) within 0.02."""
     m, shape, inputs = dm.make("Flux")
-    plan = oc.train_router(m, L2CConfig(compute_fraction=0.7, iters=8), run=euler(m, shape, inputs, 0), steps=STEPS,
+    plan = oc.calibrate(m, L2CConfig(compute_fraction=0.7, iters=8), run=euler(m, shape, inputs, 0), steps=STEPS,
                            progress=False)
     assert plan.granularity == "branch" and plan.meta["model"]["class"] == "FluxTransformer2DModel"
     assert abs(plan.meta["flops_fraction"] - 0.7) <= 0.03 and plan.meta["removed_in_cache_steps"] > 0
@@ -157,7 +158,7 @@ def test_train_router_plan_keeps_its_branch_saving():
     assert s.granularity == "branch"
     assert abs(s.compute_fraction - plan.meta["flops_fraction"]) <= 0.02
     with pytest.raises(ValueError, match="correction.*pipeline"):  # γ on a branch plan: through a scheduler
-        oc.train_router(m, L2CConfig(correction=True), run=euler(m, shape, inputs, 0), steps=STEPS)
+        oc.calibrate(m, L2CConfig(correction=True), run=euler(m, shape, inputs, 0), steps=STEPS)
 
 
 def test_l2c_with_gamma_through_the_pipeline():
@@ -166,7 +167,7 @@ def test_l2c_with_gamma_through_the_pipeline():
     latent is closer to uncached than with the same plan and γ = 0."""
     cfg = L2CConfig(compute_fraction=0.6, iters=8, correction=True)
     pipe = _flux_pipe()
-    plan = oc.train_router(pipe, cfg, progress=False, **_pipe_kwargs(0))
+    plan = oc.calibrate(pipe, cfg, progress=False, **_pipe_kwargs(0))
     assert plan.meta["policy"] == "L2C+gamma" and plan.meta["gamma_fit"].startswith("closed loop, next latent")
     kw = _pipe_kwargs(3)
 
@@ -177,7 +178,7 @@ def test_l2c_with_gamma_through_the_pipeline():
     plain = dataclasses.replace(plan, gamma=None, gamma2=None)
     err_plain, _ = _final_error(pipe, plain, run, ref)
     assert err_fit < err_plain
-    refit = oc.fit_gamma(pipe, plain, progress=False, **_pipe_kwargs(0))  # the same fit on a plan held as a value
+    refit = fit_correction(oc.DiffusersEngine(pipe, progress=False, **_pipe_kwargs(0)), plain)  # on a plan held as a value
     assert refit.meta["policy"] == "L2C+gamma"  # the same fit, up to the float order of multithreaded sums
     assert refit.gamma == pytest.approx(plan.gamma, rel=1e-9, abs=1e-12)
     assert refit.gamma2 == pytest.approx(plan.gamma2, rel=1e-9, abs=1e-12)
@@ -195,10 +196,10 @@ def test_latte_calibration_router_and_magcache():
     plan = oc.calibrate(m, OmniCacheConfig(compute_fraction=0.5), run=run, steps=STEPS, progress=False)
     _, s = _final_error(m, plan, lambda: run(5), run(5))
     assert abs(s.compute_fraction - 0.5) <= 0.03
-    plan = oc.train_router(m, L2CConfig(compute_fraction=0.7, iters=3), run=run, steps=STEPS, progress=False)
+    plan = oc.calibrate(m, L2CConfig(compute_fraction=0.7, iters=3), run=run, steps=STEPS, progress=False)
     _, s = _final_error(m, plan, run, run())
     assert abs(s.compute_fraction - plan.meta["flops_fraction"]) <= 0.02
-    cfg = oc.fit_magcache(m, MagCacheConfig(threshold=0.3), run=run, steps=STEPS, progress=False)
+    cfg = oc.calibrate(m, MagCacheConfig(threshold=0.3), run=run, steps=STEPS, progress=False)
     assert len(cfg.mag_ratios) == STEPS and cfg.mag_ratios[0] == 1.0
     _, s = _final_error(m, cfg, run, run())
     assert s.compute_fraction < 1.0
@@ -208,7 +209,7 @@ def test_latte_stage_aware_filtering_over_frames_rows_columns():
     """On Latte the drifts are filtered over the (frames, rows, columns) token grid: each
     block's unit maps its layout (spatial (B*F, H*W, D), temporal (B*H*W, F, D)) to the grid
     and back; the plan records the grid; Flux (no such grid) refuses filtering."""
-    from omnicache.integrations.diffusers.install import runtime_of
+    from omnicache.integrations.diffusers.install import adapter_of
 
     m, shape, inputs = dm.make("Latte")
 
@@ -221,17 +222,17 @@ def test_latte_stage_aware_filtering_over_frames_rows_columns():
     oc.enable(m, plan, steps=STEPS)
     try:
         out = run(5)
-        _, rt = runtime_of(m)
-        filtered = [u for u, unit in enumerate(rt.contexts[None].units)
-                    if unit.get("hidden_states") is not None and unit["hidden_states"].D1f is not None]
+        _, rt = adapter_of(m)
+        units = rt.session.contexts[None].units
+        filtered = [u for (u, n), cu in units.items() if n == "hidden_states" and cu.D1f is not None]
         assert {rt.bound[rt.units[u][0]].temporal for u in filtered} == {False, True}  # both layouts
         for u in filtered:
-            to_grid, from_grid = rt._grid_layout(u)
-            D1 = rt.contexts[None].units[u]["hidden_states"].D1
+            to_grid, from_grid = rt.grid_layout(u)
+            D1 = units[(u, "hidden_states")].D1
             assert torch.equal(from_grid(to_grid(D1)), D1)
         t = next(u for u in filtered if rt.bound[rt.units[u][0]].temporal)
         x = torch.randn(2 * h * w, f, 8)  # a temporal block's layout: row b*H*W + hw, frame t
-        g = rt._grid_layout(t)[0](x)  # the grid's token (t*H + y)*W + c
+        g = rt.grid_layout(t)[0](x)  # the grid's token (t*H + y)*W + c
         assert torch.equal(g[1, 1 * h * w + 5], x[h * w + 5, 1])
     finally:
         oc.disable(m)

@@ -150,9 +150,9 @@ def test_cuda_graph_captures_a_dynamic_call():
         out = m(**cuda_inputs(x, t_of(0)), return_dict=False)[0]
         outs = [out]
         x = x - out[:, : shape[1]] / STEPS
-        rt = od.runtime_of(m)[1]
+        rt = od.adapter_of(m)[1]
         ctx = rt.current
-        state = [t.clone() for t in ctx.device.tensors()] + [cu.F.clone() for cu in ctx.units[0].values()]
+        state = [t.clone() for t in ctx.decisions.tensors()] + [cu.F.clone() for cu in ctx.units.values()]
         static_x, static_t = x.clone(), t_of(1)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -163,9 +163,9 @@ def test_cuda_graph_captures_a_dynamic_call():
         with torch.cuda.graph(graph), CUDAGraphCaptureControlFlowOpDispatchMode():
             static_out = m(**cuda_inputs(static_x, static_t), return_dict=False)[0]
         # warm-up and capture each ran the eager bookkeeping of a call: back to after call 0
-        for t, v in zip([*ctx.device.tensors(), *(cu.F for cu in ctx.units[0].values())], state):
+        for t, v in zip([*ctx.decisions.tensors(), *(cu.F for cu in ctx.units.values())], state):
             t.copy_(v)
-        del ctx.trace[1:], ctx.stats[1:], ctx.flops[1:]
+        del ctx.log[1:]
         ctx.step = 1
         with no_host_sync():
             for i in range(1, STEPS):

@@ -150,7 +150,7 @@ def _run(m, kw, config, group=None):
     try:
         out = _sample(m, kw)
         s = od.summary(m).contexts["cond"]
-        return out, s, od._runtime(m)[1]
+        return out, s, od.adapter_of(m)[1]
     finally:
         od.disable(m)
 

@@ -103,7 +103,7 @@ def test_fit_magcache_equals_diffusers_calibration():
 
     m, shape, inputs = dm.make("Flux")
     run = lambda: dm.sample(m, shape, inputs, STEPS)  # noqa: E731
-    cfg = oc.fit_magcache(m, MagCacheConfig(), run=run, steps=STEPS, progress=False)
+    cfg = oc.calibrate(m, MagCacheConfig(), run=run, steps=STEPS, progress=False)
     m2 = copy.deepcopy(m)
     apply_mag_cache(m2, DMag(calibrate=True, num_inference_steps=STEPS))
     buf = io.StringIO()
@@ -120,7 +120,7 @@ def test_plan_equals_diffusers_magcache():
     from diffusers.hooks import MagCacheConfig as DMag, apply_mag_cache
 
     m, shape, inputs = dm.make("Flux")
-    ratios = oc.fit_magcache(m, MagCacheConfig(), run=lambda: dm.sample(m, shape, inputs, STEPS), steps=STEPS,
+    ratios = oc.calibrate(m, MagCacheConfig(), run=lambda: dm.sample(m, shape, inputs, STEPS), steps=STEPS,
                              progress=False).mag_ratios
     cfg = MagCacheConfig(threshold=0.25, max_skip_steps=2, retention_ratio=0.2, mag_ratios=ratios)
     assert not all(c[0][0] for c in cfg.plan(STEPS, 4).compute), "nothing skipped: pick another threshold"

@@ -73,9 +73,12 @@ class FitHook(Protocol):
     the unit's forecast residual); ``directions``: its change per unit coefficient, one per
     fitted term (``gamma`` first); ``target``: the uncached outcome. Returns the
     coefficients the replay continues with (one per direction). An engine may call it
-    several times a step (per context, unit or stream): it pools them."""
+    several times a step (per context, unit or stream): it pools them. An engine that must
+    replay the run again (another way to probe it) calls :meth:`reset` first."""
 
     def __call__(self, t: int, base: torch.Tensor, directions: list, target: torch.Tensor) -> list: ...
+
+    def reset(self) -> None: ...
 
 
 @runtime_checkable
@@ -88,6 +91,7 @@ class Engine(Protocol):
         samples: inputs of a run that replay separately (:meth:`replay`'s ``samples``); 1
             where a run is one unit (the user's pipeline call).
         grid: the token grid stage-aware filtering works on (recorded in a plan), or None.
+        progress: whether a method shows progress bars.
     """
 
     name: str
@@ -95,6 +99,7 @@ class Engine(Protocol):
     blocks: int
     samples: int
     grid: tuple | None
+    progress: bool
 
     def with_inputs(self, samples: int, seed: int, source: str = "self") -> Engine:
         """The engine on a batch of ``samples`` inputs drawn with ``seed`` where it chooses its

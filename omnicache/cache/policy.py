@@ -18,8 +18,6 @@ place that reads these declarations; an engine never probes a policy's attribute
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..plan import DEFAULT_BRANCHES, GRANULARITIES, CachePlan
 from .units import token_keep
 
@@ -33,7 +31,7 @@ class ResolvedPolicy:
     """A policy as an engine runs it.
 
     Args:
-        policy: a :class:`CachePlan` or a policy config (its declared ``kind``).
+        policy: a :class:`CachePlan`, a policy config (its declared ``kind``), or None (uncached).
         blocks: the model's blocks.
         granularity: overrides the policy's cache unit, if given.
         has_branches: the engine can cache each block's attention / MLP branches (else a
@@ -43,16 +41,19 @@ class ResolvedPolicy:
         calibrate: ``(config, steps, granularity) -> CachePlan`` for calibrated configs with no
             saved plan; None: such a config is refused (``where`` names the engine).
         check: ``(plan) -> None``, the engine's own checks of a plan (the model it was made for).
+        where, model: the engine's and the model's names, for error messages.
 
     Attributes: ``kind`` (``"static"``, ``"dynamic"`` or ``"token"``), ``name`` (the policy's,
     for summaries), ``granularity`` (the engine's cache unit), ``branches`` (of branch plans).
     """
 
     def __init__(self, policy, *, blocks: int, granularity: str | None = None, has_branches: bool = True,
-                 named_branches: bool = True, calibrate=None, check=None, where: str = "the engine"):
+                 named_branches: bool = True, calibrate=None, check=None, where: str = "the engine", model: str = ""):
         self.policy, self.blocks, self.calibrate, self.check, self.where = policy, blocks, calibrate, check, where
         self.named_branches = named_branches
-        if isinstance(policy, CachePlan):
+        if policy is None:  # uncached: every step computes every block
+            declared, self.name, own = "static", "NoCache", "step"
+        elif isinstance(policy, CachePlan):
             declared, self.name, own = "static", str(policy.meta.get("policy", "CachePlan")), policy.granularity
         else:
             declared = getattr(type(policy), "kind", None)
@@ -75,24 +76,30 @@ class ResolvedPolicy:
                 g = "block"  # blocks without declared branches: per block (CachePlan.to_block)
             allowed = GRANULARITIES if has_branches else ("step", "block")
             if g not in allowed:
-                raise ValueError(f"{where} supports granularity {', '.join(map(repr, allowed))}, got {g!r}")
+                raise ValueError(f"{where} supports granularity {', '.join(map(repr, allowed))}"
+                                 f"{' on ' + model if model else ''}, got {g!r}")
             self.granularity = g
         # a plan's branch names, or those its config declares (PAB, T-GATE: named branches)
-        self.branches = tuple(policy.branches) if self.granularity == "branch" and named_branches else DEFAULT_BRANCHES
+        named = self.granularity == "branch" and named_branches and policy is not None
+        self.branches = tuple(policy.branches) if named else DEFAULT_BRANCHES
 
     # ------------------------------------------------------------------ what runs
     def plan(self, steps: int) -> CachePlan:
         """The static plan for ``steps``, checked against the model (``blocks``, ``check``)."""
         p, g = self.policy, self.granularity
-        if isinstance(p, CachePlan):
+        if p is None:
+            plan = CachePlan.full(steps, self.blocks, g)
+        elif isinstance(p, CachePlan):
             plan = p
         elif p.kind == "calibrated" and p.plan_path is None:
             plan = self.calibrate(p, steps, self.override)
         else:
             plan = p.plan(steps, self.blocks, granularity=self.override if p.kind == "calibrated" else g)
         if plan.granularity != g:
-            plan = plan.to_block() if (plan.granularity, g) == ("branch", "block") else \
-                dataclasses.replace(plan, granularity=g)  # validated again
+            if (plan.granularity, g) != ("branch", "block"):
+                raise ValueError(f"CachePlan.granularity: plan is {plan.granularity!r}, the engine runs {g!r} "
+                                 f"(only a branch plan runs per block: CachePlan.to_block)")
+            plan = plan.to_block()
         if plan.steps != steps:
             raise ValueError(f"CachePlan.steps: plan has {plan.steps} steps but sampling runs {steps}")
         if plan.blocks != self.blocks:

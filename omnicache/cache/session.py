@@ -70,7 +70,8 @@ class CacheSession:
         min_head: blocks a dynamic policy always computes first, at least (diffusers: 1, its
             signal is read inside block 0).
         rows_per_sample, per_sample, group: the dynamic decisions' layout (rows of a sample in a
-            call, one decision per sample or per call, the process group of a sharded sequence).
+            call, one decision per sample or per call, the process group of a sharded sequence, or
+            a function returning it when a run's decisions are made).
         filter_setting: ``(plan, order) -> (grid, setting) | None``: the engine's reading of a
             plan's stage-aware filtering (``CachePlan.meta["filter"]``).
     """
@@ -147,9 +148,12 @@ class CacheSession:
                 samples = ctx.decisions.samples if ctx.decisions is not None else 1
                 ctx.decisions = HostDecisions(self.policy.decider(self.steps or FOREVER), samples,
                                               rows_per_sample=self.rows_per_sample, per_sample=self.per_sample,
-                                              group=self.group)
+                                              group=self._group())
             else:
                 ctx.decisions = None  # allocated by the run's first call (device_decisions)
+
+    def _group(self):
+        return self.group() if callable(self.group) else self.group
 
     def context(self, name) -> CacheContext:
         ctx = self.contexts.get(name)
@@ -166,7 +170,7 @@ class CacheSession:
             samples = signal.shape[0] // self.rows_per_sample if self.per_sample else 1
             ctx.decisions = DeviceDecisions(self.policy.decider(self.steps), self.steps, signal, samples,
                                             rows_per_sample=self.rows_per_sample, per_sample=self.per_sample,
-                                            group=self.group)
+                                            group=self._group())
         return ctx.decisions
 
     # ------------------------------------------------------------------ static plans
@@ -232,6 +236,8 @@ class CacheSession:
             computed = [[1.0 if b < lo or b >= hi else frac] * nb for b in range(n)]
             ran = [c + c[:1] for c in computed]
             stats = {**ctx.decisions.history[-1], **stats}
+        if i == 0:  # a new run: what the last one did is gone
+            ctx.log = []
         while len(ctx.log) <= i:
             ctx.log.append(None)
         ctx.log[i] = _Call(computed, ran, stats, key)
@@ -274,7 +280,7 @@ class CacheSession:
             if known and self.device_mode else None
         trace = [[c[0] if self.granularity != "branch" else any(c) for c in call.computed] for call in calls]
         n_all = len(trace) * self.n
-        scalar = self.kind == "dynamic" and not self.per_sample
+        scalar = not self.per_sample  # one value per call where the decisions are not per sample
         out = _LazyStats(trace=trace, flops=spent, flops_uncached=uncached, flops_sub_batch=sub,
                          compute_fraction=spent / uncached if known and uncached else None,
                          block_fraction=float(sum(map(sum, trace)) / n_all) if n_all else None)

@@ -71,7 +71,7 @@ def resolve_stats(raw: dict, batch: int, rows_per_sample: int, scalar: bool) -> 
         rels = [per_sample_rel(s, rows_per_sample) for s in stored if s is not None]
         if not rels:
             out["residual_rel_l1"] = None
-        elif scalar:
+        elif scalar or len({r.shape for r in rels}) > 1:  # units whose rows are not the samples (Latte)
             out["residual_rel_l1"] = float(torch.stack([r.mean() for r in rels]).mean())
         else:
             out["residual_rel_l1"] = torch.stack(rels).mean(0).tolist()

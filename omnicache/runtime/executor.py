@@ -79,7 +79,7 @@ class CacheExecutor:
             from .engine import calibrate
             return calibrate(config, model, steps=steps, sampler=sampler, guidance=guidance, granularity=granularity)
 
-        self.policy = ResolvedPolicy(CachePlan.full(steps, depth) if policy is None else policy, blocks=depth,
+        self.policy = ResolvedPolicy(policy, blocks=depth,
                                      granularity=granularity, named_branches=False, calibrate=calibrate,
                                      check=model_check(model), where="omnicache.runtime")
         self.session = CacheSession(self.policy, depth, device=self.device, rows_per_sample=self.rows_per_sample,

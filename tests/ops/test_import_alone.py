@@ -20,7 +20,7 @@ CONFIGS = ("NoCacheConfig", "FORAConfig", "DeltaDiTConfig", "TeaCacheConfig",
            "FirstBlockCacheConfig", "TaylorSeerConfig", "OmniCacheConfig", "L2CConfig",
            "MagCacheConfig", "PABConfig", "TGATEConfig", "ToCaConfig", "AdaCacheConfig")
 PUBLIC = ("ops", "generate", "GenerateResult", "load_default", "load_classifier", "CachePlan",
-          *CONFIGS)
+          "fit_correction", *CONFIGS)
 
 
 def fresh_modules(code: str) -> list[str]:

@@ -21,11 +21,12 @@ import types
 
 import torch
 
+from ...cache import linear_flops
 from ...plan import CachePlan
-from .adapters import MODELS
-from .runtime import Runtime
+from .adapter import DiffusersAdapter
+from .models import MODELS
 
-__all__ = ["enable", "disable", "reset", "summary", "runtime_of"]
+__all__ = ["enable", "disable", "reset", "summary", "adapter_of"]
 
 _ATTR = "_omnicache_runtime"
 
@@ -41,15 +42,15 @@ def split(obj):
 
 
 class _Installer:
-    """The eager side of a runtime: forward variants, context switches, call hooks."""
+    """The eager side of an adapter: forward variants, context switches, call hooks."""
 
-    def __init__(self, rt: Runtime):
+    def __init__(self, rt: DiffusersAdapter):
         self.rt, self.variants, self.inner_saved = rt, {}, None
         # calibration may wrap each installed forward (e.g. to probe a reuse step): f -> f'
         self.wrap_forward, self.wrapped = None, []
 
     def switch(self, name):
-        key = self.rt.prepare(self.rt.context(name))
+        key = self.rt.prepare(self.rt.session.context(name))
         if key is None:
             return
         fwd = self.variants.get(key)
@@ -83,10 +84,10 @@ class _Installer:
     def is_variant(self, fn):
         return any(fn == v for v in self.variants.values()) or any(fn is w for w in self.wrapped)
 
-    def before_call(self, module, args, kwargs):
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in (*enumerate(args), *kwargs.items())
-                    if isinstance(v, torch.Tensor))
-        self.rt.before_call(key)
+    def before_call(self, module, args, kwargs=None):
+        tensors = [(k, v) for k, v in (*enumerate(args), *(kwargs or {}).items()) if isinstance(v, torch.Tensor)]
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in tensors)
+        self.rt.before_call(key, tensors[0][1].shape[0] if tensors and tensors[0][1].ndim else 0)
 
     def linear_hooks(self, on: bool):
         """Attach (``on``) or detach the ``nn.Linear`` FLOP-counting hooks."""
@@ -99,19 +100,16 @@ class _Installer:
 
     def after_call(self, module, args, output):
         self.rt.after_call()
-        if self.rt.kind == "static" or self.rt.device_mode:
+        if self.rt.kind == "static" or self.rt.session.device_mode:
             self.switch(self.rt.current.name)
         return output
 
 
 def _linear_hook(rt, index, part, module, args, output):
-    """Count ``2 · in · out`` FLOPs per row an ``nn.Linear`` processes (eager calls only), by
-    block ``index`` and ``part`` (the branch's index, -1 the rest)."""
-    if torch.compiler.is_compiling():
-        return
-    x = args[0]
-    rt.count_linear(index, 2 * module.in_features * module.out_features * (x.numel() // module.in_features),
-                    part, module)
+    """Count an ``nn.Linear`` call's FLOPs (eager calls only, :func:`omnicache.cache.linear_flops`)
+    by block ``index`` (-1: outside the blocks) and ``part`` (the branch's index, -1 the rest)."""
+    if not torch.compiler.is_compiling():
+        rt.count_linear(index, part, linear_flops(module, args[0]))
 
 
 def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity: str | None = None,
@@ -119,8 +117,8 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
     """Enable feature caching on a diffusers transformer (or a pipeline's ``.transformer``).
 
     Args:
-        pipe_or_transformer: a pipeline with a ``transformer`` or one of
-            :data:`~omnicache.integrations.diffusers.SUPPORTED_MODELS`.
+        pipe_or_transformer: a pipeline with a ``transformer`` or one of the transformers
+            :data:`~omnicache.integrations.diffusers.MODELS` names.
         config: a :class:`~omnicache.plan.CachePlan` (e.g. from :func:`calibrate`) or a
             policy config (``FORAConfig``, ``TaylorSeerConfig``, ``DeltaDiTConfig``,
             ``NoCacheConfig``, ``TeaCacheConfig``, ``FirstBlockCacheConfig``, ...). A config
@@ -131,7 +129,7 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
         granularity: ``"step"``, ``"block"`` or ``"branch"``; default the policy's. ``"branch"``
             (FORA's and Learning-to-Cache's plans) caches each block's attention and MLP
             submodule outputs before the block applies its gate (the branches each block class
-            declares, :class:`.adapters.BlockIO`); on a model whose block classes declare none,
+            declares, :class:`.models.BlockIO`); on a model whose block classes declare none,
             a branch policy runs at ``"block"`` (a block computes where either branch does,
             :meth:`CachePlan.to_block`), as does a branch plan with ``granularity="block"``.
         group: a ``torch.distributed`` process group over which the sequence is sharded;
@@ -143,7 +141,7 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
             deliberately reusing a plan on another model.
         per_sample: dynamic policies decide per sample (batch row): the samples that must
             compute run the remaining blocks as a sub-batch (the block arguments
-            :class:`.adapters.BlockIO` declares ``batched``, ``index_select``-ed), the others
+            :class:`.models.BlockIO` declares ``batched``, ``index_select``-ed), the others
             reuse, as our runtime's executor does. Default False: one decision for the whole
             batch, as diffusers' own FirstBlockCache. No effect on static plans (every sample
             follows the plan).
@@ -161,7 +159,7 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
     if cls not in MODELS:
         raise TypeError(f"omnicache.integrations.diffusers does not support {cls}; "
                         f"supported: {', '.join(MODELS)}")
-    rt = Runtime(transformer, pipe, config, steps, granularity, group, check_plan, per_sample=per_sample)
+    rt = DiffusersAdapter(transformer, pipe, config, steps, granularity, group, check_plan, per_sample=per_sample)
     if steps is None and rt.kind == "static" and getattr(pipe, "scheduler", None) is None:
         raise ValueError(f"steps: a static policy on a bare {cls} needs enable(..., steps=N) "
                          f"(with a pipeline, its scheduler gives the steps)")
@@ -176,14 +174,14 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
         blk.forward = functools.partial(rt.block_forward, k, blk.forward)
     # branch plans: each branch submodule's forward (its pre-gate output is cached)
     branch_subs = [(k, kind, j, sub) for k, bb in enumerate(rt.bound)
-                   for kind, j, sub in bb.branches(rt.branch_names)]
+                   for kind, j, sub in bb.branches(rt.session.branches)]
     inst.saved_branches = []
     if rt.granularity == "branch":
         for k, kind, j, sub in branch_subs:
             inst.saved_branches.append((sub, vars(sub).get("forward")))
             sub.forward = functools.partial(rt.branch_forward, k, kind, j, sub.forward, sub)
     inst.handles = []
-    if rt.teacache:
+    if rt.kind == "dynamic" and rt.session.signal == "modulated_input":  # TeaCache: block 0's norm1
         norm1 = getattr(rt.blocks[0], MODELS[cls].norm1, None)
         if norm1 is None:
             raise TypeError(f"{type(config).__name__} needs block 0's {MODELS[cls].norm1} on {cls}")
@@ -222,15 +220,15 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
             return res
         sched.set_timesteps = set_timesteps
     setattr(transformer, _ATTR, rt)
-    if rt.steps is not None or rt.kind == "dynamic":
+    if rt.session.steps is not None or rt.kind == "dynamic":
         inst.switch(None)
     else:
-        rt.current = rt.context(None)
+        rt.current = rt.session.context(None)
     return transformer
 
 
-def runtime_of(obj):
-    """``(transformer, Runtime)`` of a transformer or pipeline with caching enabled."""
+def adapter_of(obj):
+    """``(transformer, DiffusersAdapter)`` of a transformer or pipeline with caching enabled."""
     transformer, _ = split(obj)
     rt = getattr(transformer, _ATTR, None)
     if rt is None:
@@ -240,7 +238,7 @@ def runtime_of(obj):
 
 def disable(pipe_or_transformer) -> None:
     """Remove everything :func:`enable` installed; the model is as it was before."""
-    transformer, rt = runtime_of(pipe_or_transformer)
+    transformer, rt = adapter_of(pipe_or_transformer)
     inst = rt.installer
     for h in inst.handles:
         h.remove()
@@ -274,8 +272,8 @@ def disable(pipe_or_transformer) -> None:
 
 def reset(pipe_or_transformer, steps: int | None = None) -> None:
     """Start a new run in every cache context (optionally with a new number of steps)."""
-    _, rt = runtime_of(pipe_or_transformer)
-    rt.set_steps(steps if steps is not None else rt.steps)
+    _, rt = adapter_of(pipe_or_transformer)
+    rt.set_steps(steps if steps is not None else rt.session.steps)
     rt.installer.switch(rt.current.name if rt.current is not None else None)
 
 
@@ -289,4 +287,4 @@ def summary(pipe_or_transformer):
     (per call: ``residual_rel_l1`` of the stored residuals, ``Σ|F_new - F_old| / Σ|F_old|``;
     dynamic policies add ``signal_rel_l1``, ``compute`` and the decider's entries).
     """
-    return runtime_of(pipe_or_transformer)[1].summary()
+    return adapter_of(pipe_or_transformer)[1].summary()

@@ -95,7 +95,7 @@ class L2CConfig(PolicyConfig):
                              f"blocks, the run has {steps} x {blocks}")
         return plan.to_block() if granularity == "block" else plan
 
-    def calibrate(self, engine, *, granularity: str | None = None, progress: bool = False) -> CachePlan:
+    def calibrate(self, engine, *, granularity: str | None = None) -> CachePlan:
         """Train the router on ``engine``'s model (:class:`omnicache.cache.Engine`; its training
         batch ``train_samples``, ``seed``, ``data`` where the engine chooses its inputs) and export
         the plan, with OmniCache's closed-loop γ when ``correction`` (on the calibration batch):
@@ -116,7 +116,7 @@ class L2CConfig(PolicyConfig):
         train = engine.with_inputs(self.train_samples, self.seed, "data" if self.data == "digits" else "self")
         result = train_router(train, refresh=self.refresh, lam=self.lam, iters=self.iters, lr=self.lr,
                               batch=self.batch, init=self.init, weight_decay=self.weight_decay, seed=self.seed,
-                              progress=progress)
+                              progress=engine.progress)
         loss, mse, expected = result.history[-1]
         flops = costs_dict(train.costs())
         meta = dict(lam=self.lam, final_loss=loss, final_mse=mse, expected_compute=expected,

@@ -29,6 +29,10 @@ class LeastSquares:
     def __init__(self):
         self.systems, self.solution = {}, {}
 
+    def reset(self) -> None:
+        """Forget every probe (the engine replays the run again)."""
+        self.systems, self.solution = {}, {}
+
     def __call__(self, t: int, base: torch.Tensor, directions: list, target: torch.Tensor) -> list:
         J = torch.stack([d.double().flatten() for d in directions], 1)
         r = (target.double() - base.double()).flatten()

@@ -16,7 +16,7 @@ import inspect
 
 import torch
 
-__all__ = ["BlockIO", "ModelSpec", "MODELS", "BLOCKS", "SUPPORTED_MODELS", "model_blocks", "BoundBlock"]
+__all__ = ["BlockIO", "ModelSpec", "MODELS", "BLOCKS", "model_blocks", "BoundBlock"]
 
 H, E = "hidden_states", "encoder_hidden_states"
 
@@ -127,10 +127,6 @@ BLOCKS: dict[str, BlockIO] = {
     "SanaTransformerBlock": BlockIO((H,)),
     "Lumina2TransformerBlock": BlockIO((H,)),
 }
-
-# model class -> its ModuleLists of blocks (kept for callers that count blocks)
-SUPPORTED_MODELS = {name: spec.blocks for name, spec in MODELS.items()}
-
 
 class BoundBlock:
     """One block of a model with its I/O spec: reads its streams from a call's arguments
