@@ -209,10 +209,12 @@ class CacheSession:
         return ctx.tokens.setdefault(u, TokenCache())
 
     # ------------------------------------------------------------------ what a step did
-    def record(self, ctx: CacheContext, i: int, stats: dict | None = None, *, share: float | None = None,
-               key=None) -> None:
-        """What step ``i`` of ``ctx`` did, from the policy's actions or decisions (``share``: the
-        share of tokens a ToCa step ran), with its raw statistics and costs' key."""
+    def record(self, ctx: CacheContext, i: int, stats: dict | None = None, *, share=None, key=None,
+               measured: bool = False) -> None:
+        """What step ``i`` of ``ctx`` did, from the policy's actions or decisions, with its raw
+        statistics and costs' key. ``share``: the share of tokens a ToCa step ran (per block, or
+        one for all); ``measured``: the key's costs are those of this very call (a ToCa partial
+        step measured as it ran), so every part counts once."""
         n, nb, stats = self.n, self.nb, dict(stats or {})
         computed = ran = None
         if self.kind == "static":
@@ -227,7 +229,9 @@ class CacheSession:
                 ctx.stored[u] = ctx.stored[u] or a == STORE
             stats["gamma"] = self.plan.gamma[i]
         elif self.kind == "token":
-            computed, ran = [[share] * nb for _ in range(n)], [[share] * (nb + 1) for _ in range(n)]
+            shares = share if isinstance(share, (list, tuple)) else [share] * n
+            computed = [[s] * nb for s in shares]
+            ran = [[1.0 if measured else s] * (nb + 1) for s in shares]
             stats["full"] = bool(self.full[i])
         elif not self.device_mode:  # the device mode's are read back from its history (summary)
             dec = ctx.decisions.history[-1]["compute"]

@@ -30,10 +30,11 @@ class Costs:
     outside: float
     parts: list
     signal: float = 0.0
+    full: float | None = None  # the uncached call's FLOPs where these parts are a partial call's (ToCa)
 
     @property
     def uncached(self) -> float:
-        return self.outside + sum(sum(p) for p in self.parts)
+        return self.full if self.full is not None else self.outside + sum(sum(p) for p in self.parts)
 
 
 def linear_flops(module: torch.nn.Linear, x: torch.Tensor) -> int:

@@ -88,7 +88,7 @@ class DiffusersAdapter:
         self.inp, self.stats_out = [None] * len(self.units), {}
         self.inp0 = self.norm1_out = None
         self.some = self.rows = None  # host decisions of the current call
-        self.device_first, self.share = False, 1.0
+        self.device_first, self.share = False, [1.0] * self.n
         self.fitting = None  # calibration: at a reuse unit, (ctx, u, pairs) -> (g1, g2) from the true output
         self.branch_shape = {}  # (block, kind, j) -> None (a tensor) or the tuple length of its output
         self.call_key, self.counts, self.batch, self.wall = None, None, 0, None
@@ -144,8 +144,11 @@ class DiffusersAdapter:
 
     # ------------------------------------------------------------------ around a call (eager)
     def before_call(self, key, batch):
-        """A call starts: its costs' key (its tensor arguments' shapes) and batch; the Linear
-        hooks count it when its costs are not known yet."""
+        """A call starts: its costs' key (its tensor arguments' shapes; a ToCa partial step's are
+        its own) and batch; the Linear hooks count it when its costs are not known yet."""
+        ctx = self.current
+        if self.kind == "token" and ctx is not None and ctx.step > 0 and not self.session.full[ctx.step]:
+            key = (key, "partial")  # its tokens' FLOPs: measured once, as it runs
         known = key in self.session.costs
         self.call_key, self.batch = key, batch
         self.installer.linear_hooks(not known)
@@ -170,11 +173,14 @@ class DiffusersAdapter:
         else:
             stats = {}
         self.stats_out = {}
-        s.record(ctx, ctx.step, stats, share=self.share, key=self.call_key)
+        s.record(ctx, ctx.step, stats, share=self.share, key=self.call_key,
+                 measured=isinstance(self.call_key, tuple) and self.call_key[-1:] == ("partial",))
         call = ctx.log[ctx.step]
         full = self.device_first if s.device_mode else all(all(p == 1 for p in part) for part in call.ran)
         if self.counts is not None and full and any(map(sum, self.counts[:-1])):
-            s.costs[self.call_key] = Costs(self.counts[-1][0], [list(p) for p in self.counts[:-1]])
+            partial = s.costs.get(self.call_key[0]) if self.call_key[-1:] == ("partial",) else None
+            s.costs[self.call_key] = Costs(self.counts[-1][0], [list(p) for p in self.counts[:-1]],
+                                           full=partial.uncached if partial is not None else None)
         self.counts = None
         s.end_call(ctx)
         self.wall[1] = time.perf_counter()
@@ -276,10 +282,10 @@ class DiffusersAdapter:
                             f"alone; {type(bb.module).__name__} returns {bb.io.returns}")
         cache, h = self.session.tokens(ctx, k), bb.inputs(args, kwargs)["hidden_states"]
         if self.session.full[ctx.step] or cache.F is None or cache.F.shape != h.shape:
-            self.share = 1.0
+            self.share[k] = 1.0
             return cache.full(orig(*args, **kwargs), h)
         keep = self.policy.token_keep(h.shape[1])
-        self.share = keep / h.shape[1]
+        self.share[k] = keep / h.shape[1]
 
         def run(sub):
             a, kw = list(args), dict(kwargs)
