@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .metrics import to_unit
+from .runtime.engine import calibrator
 from .runtime.executor import CacheExecutor, RunSummary
 
 __all__ = ["generate", "GenerateResult", "resolve_device"]
@@ -97,7 +98,7 @@ def generate(model, labels, *, policy=None, steps: int = 50, sampler="flow", gui
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     labels = _labels(labels, model.config.num_classes, device)
     executor = CacheExecutor(model, labels, policy, steps=steps, sampler=sampler, guidance=guidance,
-                             granularity=granularity)
+                             granularity=granularity, calibrate=calibrator(model, sampler=sampler, guidance=guidance))
     x, summary = executor.run(int(seed))
     if not bool(torch.isfinite(x).all()):  # one check per run, after the loop: no per-step sync
         raise RuntimeError(f"generate: the samples are not finite (NaN or inf) after {steps} steps under "

@@ -34,12 +34,11 @@ from tqdm import tqdm
 
 from .io import atomic_path, atomic_write_text
 from .metrics import class_accuracy
-from .runtime.default import DEFAULT_JSON, FORMAT_VERSION, DigitClassifier, load_classifier, load_default
+from .runtime.default import (DEFAULT_JSON, FORMAT_VERSION, HELDOUT_FRACTION, SPLIT_SEED, DigitClassifier,
+                              digits_split, load_classifier, load_default)
 from .runtime.model import DiT, DiTConfig
 from .runtime.samplers import sample
 
-SPLIT_SEED = 0  # the train/held-out split never changes with the training seed
-HELDOUT_FRACTION = 0.2
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "data"
 
 
@@ -72,21 +71,6 @@ class DefaultTrainingSettings:
         for name in ("steps", "batch_size", "classifier_steps", "sample_steps", "eval_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-
-
-def digits_split():
-    """(x_train, y_train, x_heldout, y_heldout): (N, 1, 8, 8) float32 in [-1, 1], (N,) long."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # 0..16 -> [-1, 1]
-    y = torch.tensor(data.target, dtype=torch.long)
-    idx_train, idx_held = train_test_split(
-        torch.arange(len(y)).numpy(), test_size=HELDOUT_FRACTION, random_state=SPLIT_SEED, stratify=data.target
-    )
-    idx_train, idx_held = torch.from_numpy(idx_train), torch.from_numpy(idx_held)
-    return x[idx_train], y[idx_train], x[idx_held], y[idx_held]
 
 
 def random_shift(x, generator, max_shift=1, prob=1.0):

@@ -65,7 +65,7 @@ def test_inputs_frames_and_guidance(pipe):
 
 
 def test_moving_digits_bounce_inside_the_canvas():
-    from omnicache.train_default import digits_split
+    from omnicache.runtime.default import digits_split
 
     x, _, _, _ = digits_split()
     clips = arena_latte.moving_digits(x[:16], torch.Generator().manual_seed(0))

@@ -55,7 +55,7 @@ def test_embedded_record(info):
 
 def test_classifier_heldout_accuracy(classifier, info):
     pytest.importorskip("sklearn", reason="the digits data set comes from scikit-learn")
-    from omnicache.train_default import digits_split
+    from omnicache.runtime.default import digits_split
 
     _, _, x_held, y_held = digits_split()
     assert len(y_held) == info["classifier"]["heldout_size"]

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..io import atomic_write_bytes
-from ..train_default import digits_split, lr_at
+from ..runtime.default import digits_split
+from ..train_default import lr_at
 from . import flux as arena_flux
 from . import latte as arena_latte
 from .pipelines import ARENAS, digits_images, digits_inputs, load_digits_pipeline
@@ -330,7 +331,7 @@ def train(settings: ArenaTrainingSettings, command: str | None = None) -> dict:
             "command": command,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()},
             "objective": objective,
-            "data": "sklearn.datasets.load_digits, train split of omnicache.train_default.digits_split",
+            "data": "sklearn.datasets.load_digits, train split of omnicache.runtime.default.digits_split",
             "wall_time_s": round(wall, 1),
             "device": "cpu",
             "cpu": platform.processor() or platform.machine(),

@@ -19,6 +19,9 @@ import torch.nn as nn
 from ..io import check_state, read_safetensors
 from .model import DiT, DiTConfig
 
+SPLIT_SEED = 0  # the digits' train/held-out split never changes with a training seed
+HELDOUT_FRACTION = 0.2
+
 __all__ = ["DigitClassifier", "default_info", "load_default", "load_classifier", "default_l2c_plan", "DEFAULT_JSON"]
 
 DEFAULT_JSON = "default_model.json"
@@ -155,3 +158,18 @@ def default_l2c_plan(sampler: str, steps: int):
     as a path, or None if none ships for this sampler and step count."""
     source = _source(None, f"l2c-{sampler}-{steps}.json")
     return str(source) if source.is_file() else None
+
+
+def digits_split():
+    """(x_train, y_train, x_heldout, y_heldout): (N, 1, 8, 8) float32 in [-1, 1], (N,) long."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+    y = torch.tensor(data.target, dtype=torch.long)
+    idx_train, idx_held = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=HELDOUT_FRACTION, random_state=SPLIT_SEED, stratify=data.target
+    )
+    idx_train, idx_held = torch.from_numpy(idx_train), torch.from_numpy(idx_held)
+    return x[idx_train], y[idx_train], x[idx_held], y[idx_held]

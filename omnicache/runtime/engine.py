@@ -25,7 +25,7 @@ from ..plan import model_fingerprint
 from .executor import CacheExecutor
 from .samplers import cfg_combine, cfg_labels, make_sampler
 
-__all__ = ["RuntimeEngine", "TrainingSet", "training_set", "routed_forward", "calibrate"]
+__all__ = ["RuntimeEngine", "TrainingSet", "training_set", "routed_forward", "calibrate", "calibrator"]
 
 
 def calibrate(config, model, *, steps: int, sampler="flow", guidance: float = 1.0, granularity=None,
@@ -34,6 +34,12 @@ def calibrate(config, model, *, steps: int, sampler="flow", guidance: float = 1.
     batch with :meth:`RuntimeEngine.with_inputs`): a value the caller holds, not memoised."""
     return config.calibrate(RuntimeEngine(model, steps=steps, sampler=sampler, guidance=guidance, progress=progress),
                             granularity=granularity)
+
+
+def calibrator(model, *, sampler="flow", guidance: float = 1.0, progress: bool = False):
+    """The executor's ``calibrate``: ``(config, steps, granularity) -> plan`` on ``model``."""
+    return lambda config, steps, granularity: calibrate(config, model, steps=steps, sampler=sampler, guidance=guidance,
+                                                        granularity=granularity, progress=progress)
 
 
 class RuntimeEngine:
@@ -287,7 +293,7 @@ def training_set(model, *, steps: int, sampler="flow", guidance: float = 1.0, sa
             targets.append(v)
             x = sampler.step(i, x, v)
     elif data == "digits":
-        from ..train_default import digits_split
+        from .default import digits_split
 
         x0, y, _, _ = digits_split()
         if tuple(x0.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):

@@ -49,16 +49,19 @@ class CacheExecutor:
     Args:
         model: DiT in eval mode; its parameter dtype is the compute dtype.
         labels: ``(B,)`` long class ids on the model's device.
-        policy: a :class:`CachePlan`, a policy config (:mod:`omnicache.policies`; one that is
-            calibrated on the model is calibrated here, :func:`omnicache.runtime.engine.calibrate`),
-            or None (compute everything).
+        policy: a :class:`CachePlan`, a policy config (:mod:`omnicache.policies`), or None
+            (compute everything).
         steps, sampler: the sampler (``"flow"``, ``"ddim"`` or an object).
         guidance: CFG scale; ``1.0`` runs the conditional rows only.
         granularity: overrides the policy's default cache unit, if given.
+        calibrate: ``(config, steps, granularity) -> CachePlan`` for a config fitted on the model
+            (OmniCache, Learning-to-Cache) given without a saved plan, e.g.
+            :func:`omnicache.runtime.engine.calibrator` (``generate`` passes it); None: such a
+            config is refused.
     """
 
     def __init__(self, model, labels, policy=None, *, steps=50, sampler="flow", guidance=1.0,
-                 granularity=None):
+                 granularity=None, calibrate=None):
         self.model, self.blocks = model, list(model.blocks)
         self.sampler = make_sampler(sampler, steps) if isinstance(sampler, str) else sampler
         if self.sampler.steps != steps:
@@ -74,11 +77,6 @@ class CacheExecutor:
         self.hidden_shape = (self.rows, cfg.num_tokens, cfg.hidden_size)
         self.flops = model.flops_per_sample()
         depth = len(self.blocks)
-
-        def calibrate(config, steps, granularity):  # a policy fitted on the model itself (OmniCache, L2C)
-            from .engine import calibrate
-            return calibrate(config, model, steps=steps, sampler=sampler, guidance=guidance, granularity=granularity)
-
         self.policy = ResolvedPolicy(policy, blocks=depth,
                                      granularity=granularity, named_branches=False, calibrate=calibrate,
                                      check=model_check(model), where="omnicache.runtime")
