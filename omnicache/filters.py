@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["filter_delta"]
+__all__ = ["filter_delta", "grid_layout"]
 
 
 def _stage_mask(grid: tuple, progress: float, low_cutoff: float, high_cutoff: float,
@@ -103,3 +103,15 @@ def filter_delta(delta: Tensor, grid: tuple, progress: float, *, enabled: bool =
     spec = spec * mask[None, ..., None]
     y = torch.fft.irfftn(spec, s=grid, dim=dims)
     return y.reshape(delta.shape).to(delta.dtype)
+
+
+def grid_layout(grid: tuple, temporal: bool):
+    """``(to_grid, from_grid)`` between a video block's residual layout and ``[B, F*H*W, D]``
+    for the token ``grid`` (F, H, W): a spatial block's is ``(B*F, H*W, D)`` (a reshape), a
+    temporal block's (``temporal``) ``(B*H*W, F, D)`` (a transpose)."""
+    f, hh, ww = grid
+    if not temporal:
+        return (lambda x: x.reshape(-1, f * hh * ww, x.shape[-1]),
+                lambda y: y.reshape(-1, hh * ww, y.shape[-1]))
+    return (lambda x: x.reshape(-1, hh * ww, f, x.shape[-1]).transpose(1, 2).reshape(-1, f * hh * ww, x.shape[-1]),
+            lambda y: y.reshape(-1, f, hh * ww, y.shape[-1]).transpose(1, 2).reshape(-1, f, y.shape[-1]))

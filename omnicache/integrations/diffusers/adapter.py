@@ -1,27 +1,16 @@
 """One diffusers transformer under a caching policy: its blocks' I/O mapped onto the cache core.
 
-Each block's ``forward`` is wrapped (:mod:`.install`); the model's own block loop is
-untouched. The policy, the cache units, the per-context buffers and decisions and the
-accounting are the core's (:class:`omnicache.cache.CacheSession`); this adapter only reads
-each block's streams by name (:mod:`.models`) and calls the core:
-
-- **static plans**: at a unit's first block, reuse returns ``inp + F + γ1 D1 + γ2 D2`` per
-  cached stream (``hidden_states`` and, for joint-attention blocks,
-  ``encoder_hidden_states``), the unit's other blocks their inputs; compute runs the unit
-  and stores its residual. Branch plans (FORA, L2C, PAB, T-GATE) wrap each branch
-  submodule instead: it returns its cached pre-gate output ``F + γ1 D1 + γ2 D2`` and the
-  block's own code applies the current step's gate.
-- **dynamic policies** compute the first blocks, take the decider's declared signal, and
-  decide on the host (:class:`~omnicache.cache.HostDecisions`; per sample with
-  ``per_sample=True``: the computing samples' rows run the remaining blocks as a sub-batch of
-  each block's ``batched`` arguments) or on the device (``torch.cond`` per remaining block,
-  :func:`~omnicache.cache.compute_or_reuse`).
-- **ToCa** recomputes each block's top tokens (:class:`~omnicache.cache.TokenCache`).
-
-Steps are counted per cache context (a pipeline's ``transformer.cache_context("cond")``).
-FLOPs: each call's linear-layer FLOPs per block and branch are measured once per call shape
-(``nn.Linear`` hooks, on a call that ran everything; detached after) and every call counts
-what its decisions ran at those costs (:func:`omnicache.cache.spent_flops`).
+The model's own block loop runs; each block's ``forward`` is wrapped (:mod:`.install`). The
+policy, units, per-context buffers, decisions and accounting are the core's
+(:class:`omnicache.cache.CacheSession`); the adapter reads each block's streams by name
+(:mod:`.models`) and calls it. Static plans: a unit's first block returns ``inp + F + γ1 D1 +
+γ2 D2`` per cached stream, its other blocks their inputs; branch plans wrap each branch
+submodule, which returns its pre-gate forecast (the block applies the current gate).
+Dynamic policies: the first blocks, the declared signal, host decisions (per sample: the
+computing rows run as a sub-batch of the ``batched`` arguments) or device ones (``torch.cond``
+per cached block). ToCa: each block's top tokens. Steps count per cache context. FLOPs: each
+call shape's linear FLOPs per block and branch are measured once, on a call that ran
+everything (``nn.Linear`` hooks, then detached); every call counts its decisions at them.
 """
 
 from __future__ import annotations
@@ -32,9 +21,9 @@ import torch
 
 from ...cache import REUSE, STORE, CacheSession, Costs, ResolvedPolicy, compute_or_reuse, select_rows
 from ...cache.policy import FOREVER
+from ...filters import grid_layout
 from ..distributed import context_parallel_group
-from .models import MODELS, model_blocks
-from .video import grid_layout, video_grid
+from .models import MODELS, model_blocks, model_grid
 
 __all__ = ["DiffusersAdapter"]
 
@@ -64,7 +53,7 @@ class DiffusersAdapter:
             if undeclared:
                 raise TypeError(f"per_sample: block class(es) {', '.join(undeclared)} declare no batched "
                                 f"arguments (models.BlockIO.batched)")
-        self.video_grid = video_grid(transformer)
+        self.video_grid = model_grid(transformer)
         self.session = s = CacheSession(self.policy, self.n, device=next(transformer.parameters()).device,
                                         stack=self.spec.stack, min_head=1, per_sample=self.per_sample,
                                         group=self.resolve_group, filter_setting=self._filter_setting)

@@ -1,25 +1,17 @@
 """The engine protocol (:class:`omnicache.cache.Engine`) on a diffusers transformer or pipeline.
 
-The run is the user's own: ``pipe(**call_kwargs)`` (a generator passed in the kwargs is
-restored before every run, so every run sees the same noise) or ``run()``, any function
-performing one sampling run with the transformer. :class:`DiffusersEngine`:
-
-- **records** one uncached run: per cache context (``"cond"``, ``"uncond"``, ... each its own
-  stream of calls) and step, each cache unit's residual (every cached stream; the unit is the
-  block stack, or each block where the model changes its token layout between blocks, as a
-  step plan runs there), the linear FLOPs per block and branch, and, with a pipeline, the
-  latents entering and leaving its scheduler's ``step`` and that step's sensitivity to the
-  model output (probed on a copy of the scheduler's state, so any diffusers scheduler works);
-- **replays** a policy, and with a fit hook a static plan whose reuse steps are probed: with a
-  pipeline, every context's call is made once per coefficient (γ = 0, then each term at 1:
-  reuse steps skip the blocks), the pipeline's combination of the calls' outputs (true CFG)
-  is recovered by least squares from what it passes to ``scheduler.step``, each direction is
-  stepped on a copy of the scheduler's state, and the hook's outcome is the next latent;
-  without one (or where the combination is not recovered, e.g. batch CFG) the reused unit
-  runs anyway and the outcome is its residual at the cached state;
-- linearises the scheduler step by its measured sensitivity (the pipeline's output head is
-  not linearised) and trains a Learning-to-Cache router on the recorded calls, replayed with
-  their arguments, each branch submodule's output mixed.
+The run is the user's own: ``pipe(**call_kwargs)`` (its generators restored before every run)
+or ``run()``, any function performing one sampling run with the transformer.
+:class:`DiffusersEngine` records one uncached run (per cache context and step each unit's
+residual, every cached stream; the linear FLOPs per block and branch; with a pipeline, the
+latents around its scheduler's ``step`` and that step's sensitivity to the model output,
+probed on a copy of the scheduler's state). A fit replay probes each reuse step: with a
+pipeline, every context's call once per coefficient (γ = 0, then each term at 1), the
+pipeline's combination of the calls' outputs (true CFG) recovered by least squares from what
+it passes to ``scheduler.step``, each direction stepped on a copy of the scheduler: the
+outcome is the next latent; otherwise (or where the combination is not recovered, e.g. batch
+CFG) the reused unit runs anyway and the outcome is its residual. The router trains on the
+recorded calls, replayed with their arguments, each branch submodule's output mixed.
 """
 
 from __future__ import annotations
@@ -34,8 +26,7 @@ from tqdm import tqdm
 from ...cache import Recording, Replay
 from ...plan import model_fingerprint
 from .install import adapter_of, disable, enable, split
-from .models import model_blocks
-from .video import video_grid
+from .models import model_blocks, model_grid
 
 __all__ = ["DiffusersEngine"]
 
@@ -93,7 +84,7 @@ class DiffusersEngine:
         self.scheduler = getattr(self.pipe, "scheduler", None)
         if steps is None and self.scheduler is None:
             raise ValueError("steps: with run=..., pass the number of steps the run takes (steps=N)")
-        self.blocks, self.grid = len(model_blocks(self.transformer)), video_grid(self.transformer)
+        self.blocks, self.grid = len(model_blocks(self.transformer)), model_grid(self.transformer)
         self._recording = self._calls = None
 
     def with_inputs(self, samples: int, seed: int, source: str = "self") -> DiffusersEngine:

@@ -16,7 +16,7 @@ import inspect
 
 import torch
 
-__all__ = ["BlockIO", "ModelSpec", "MODELS", "BLOCKS", "model_blocks", "BoundBlock"]
+__all__ = ["BlockIO", "ModelSpec", "MODELS", "BLOCKS", "model_blocks", "model_grid", "BoundBlock"]
 
 H, E = "hidden_states", "encoder_hidden_states"
 
@@ -71,13 +71,16 @@ class ModelSpec:
     blocks (False where ``forward`` reshapes between blocks, so ``step`` plans run per block);
     ``norm1``: the attribute of the first block whose output TeaCache measures;
     ``temporal``: the block lists whose self-attention attends across frames (named branch
-    ``temporal_attn``)."""
+    ``temporal_attn``); ``grid``: the model config -> the ``(frames, rows, columns)`` token grid
+    of a video model whose blocks lay out ``(batch x frames, rows x columns)`` /
+    ``(batch x rows x columns, frames)``, for stage-aware filtering (None: no grid)."""
 
     blocks: tuple[str, ...]
     interleave: bool = False
     stack: bool = True
     norm1: str = "norm1"
     temporal: tuple[str, ...] = ()
+    grid: object = None
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -90,7 +93,8 @@ MODELS: dict[str, ModelSpec] = {
     # spatial block i, then temporal block i; forward permutes (batch*frames, tokens) <-> (batch*tokens, frames)
     # around each temporal block, so a residual may not span two blocks
     "LatteTransformer3DModel": ModelSpec(("transformer_blocks", "temporal_transformer_blocks"),
-                                         interleave=True, stack=False, temporal=("temporal_transformer_blocks",)),
+                                         interleave=True, stack=False, temporal=("temporal_transformer_blocks",),
+                                         grid=lambda c: (c.video_length, *(c.sample_size // c.patch_size,) * 2)),
     # the token refiner inside context_embedder runs before these and is not cached
     "HunyuanVideoTransformer3DModel": ModelSpec(("transformer_blocks", "single_transformer_blocks")),
     "LTXVideoTransformer3DModel": ModelSpec(("transformer_blocks",)),
@@ -207,6 +211,12 @@ class BoundBlock:
                                  f"{x.shape[0]}, declared batched (batch {batch})")
             holder[key] = x.index_select(0, rows)
         return tuple(args), kwargs
+
+
+def model_grid(transformer):
+    """The token grid of a supported video transformer (:attr:`ModelSpec.grid`), or None."""
+    spec = MODELS.get(type(transformer).__name__)
+    return None if spec is None or spec.grid is None else tuple(spec.grid(transformer.config))
 
 
 def model_blocks(transformer) -> list[BoundBlock]:
