@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from omnicache import ops
-from omnicache.integrations.distributed import all_reduce_sums
+from omnicache.cache import HostDecisions
 from omnicache.policies import FirstBlockCacheConfig
 
 WORLD, STEPS = 2, 8
@@ -29,23 +28,15 @@ def _signals():
 
 
 def _decisions(rank=None, world=1, group=None):
-    """FirstBlockCache decisions over the steps; the rank sees its shard of the tokens only."""
-    dec = FirstBlockCacheConfig(threshold=0.2).decider(STEPS, 4)
-    dec.start(1)
-    ref, out = None, []
-    for i, sig in enumerate(_signals()):
+    """FirstBlockCache decisions over the steps, as every engine takes them (the core's
+    HostDecisions, one decision per call); the rank sees its shard of the tokens only."""
+    dec = HostDecisions(FirstBlockCacheConfig(threshold=0.2).decider(STEPS, 4), per_sample=False, group=group)
+    out = []
+    for sig in _signals():
         if rank is not None:
             sig = sig.chunk(world, dim=1)[rank].contiguous()
-        rel = None
-        if ref is not None:
-            sums = ops.rel_l1(sig, ref).sum(0)
-            if group is not None:
-                all_reduce_sums(sums, group)
-            rel = (sums[0] / sums[1]).item()
-        compute = dec.decide(i, [rel])[0]
-        if compute:
-            ref = sig
-        out.append((compute, rel))
+        compute, _ = dec.decide(sig)
+        out.append((compute[0], None if dec.last_rel is None else dec.last_rel[0]))
     return out
 
 

@@ -13,7 +13,7 @@ cache-dit) is measured on the same model, seeds and FLOP count.
                                                    # (B, 8, 1, 16, 16) frames in [0, 1]
 
 See :mod:`omnicache.arena.flux` and :mod:`omnicache.arena.latte` for the conventions;
-``python -m omnicache.arena.train {flux,latte}`` retrains.
+``omnicache train-arena {flux,latte}`` retrains.
 """
 
 from .pipelines import ARENAS, digits_images, digits_inputs, load_digits_pipeline

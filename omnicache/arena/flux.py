@@ -30,7 +30,7 @@ Conventions (the pipeline's own, nothing patched):
   receives ``timestep / 1000`` = sigma, and predicts ``v = noise - x0`` with
   ``x_sigma = (1 - sigma) x0 + sigma noise``.
 
-Files in ``omnicache/data/arena/flux/`` (written by ``python -m omnicache.arena.train
+Files in ``omnicache/data/arena/flux/`` (written by ``omnicache train-arena
 flux``): ``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers format,
 float16; cast on load), ``labels.safetensors``, ``scheduler_config.json``,
 ``arena.json`` (defaults and the training record). Only JSON and safetensors are read.

@@ -3,9 +3,11 @@
 When the token sequence is sharded across ranks (diffusers' context parallelism, xDiT,
 Ulysses/ring attention), each rank sees only its shard of the signal a dynamic policy
 compares. The relative L1 ``Σ|s - s_ref| / Σ|s_ref|`` is a ratio of two sums over
-tokens, so summing both sums over the group (``all_reduce``, SUM) gives every rank the
-value of the unsharded run, hence the same decision and the same output. The collective
-returns one result to every rank, so the ranks' decisions are identical, not merely close.
+tokens, so summing both sums over the group (``all_reduce``, SUM; the cache core's
+:func:`omnicache.cache.relative_change_device` does it when given the group) gives every
+rank the value of the unsharded run, hence the same decision and the same output. The
+collective returns one result to every rank, so the ranks' decisions are identical, not
+merely close.
 
 With diffusers' context parallelism (``model.enable_parallelism(config=ContextParallelConfig(
 ...))``) the group is the one the model's inputs are sharded over,
@@ -15,17 +17,7 @@ when given ``group=None``.
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-
-__all__ = ["all_reduce_sums", "context_parallel_group"]
-
-
-def all_reduce_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``sums`` (any shape, float32) over the ranks of ``group`` in place and return it
-    (``group=torch.distributed.group.WORLD`` for every rank)."""
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    return sums
+__all__ = ["context_parallel_group"]
 
 
 def context_parallel_group(model):
