@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import bench_ops  # noqa: E402
+from bench_common import slug  # noqa: E402
 import opsbench  # noqa: E402
 
 import omnicache.ops as ops  # noqa: E402
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     text = json.dumps(table, indent=1) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, text)
-    copy = bench_ops.RESULTS_DIR / f"auto-backend-{bench_ops.slug(name)}-{date}.json"
+    copy = bench_ops.RESULTS_DIR / f"auto-backend-{slug(name)}-{date}.json"
     copy.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(copy, text)
     backend_table.clear_cache()

@@ -23,8 +23,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import platform
-import re
 import statistics
 import sys
 import time
@@ -33,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import opsbench  # noqa: E402
+from bench_common import device_name, slug  # noqa: E402
 
 from omnicache.io import atomic_write_text  # noqa: E402
 
@@ -85,24 +84,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
     dst = torch.empty_like(src)
     t = timer(device, lambda s, d: d.copy_(s), [(src, dst)], reps)
     return 2 * nbytes / t / 1e9
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40]
 
 
 def cpu_flags() -> list[str]:

@@ -15,7 +15,7 @@ How each method reaches a target:
   setting (Δ-DiT also its group size) whose exact compute fraction is within ±0.03 of
   the target is tried on a *tuning* batch (16 samples, noise seed 2000), and the best
   PSNR there is measured on the evaluation batch; with none inside ±0.03, the nearest
-  fraction. The reported fraction is the actual one.
+  fraction (``omnicache.tuning.scan``). The reported fraction is the actual one.
 - dynamic baselines (TeaCache, FirstBlockCache): the threshold is bisected with
   ``omnicache.evaluate.tune_to_fraction`` (stopping within ±0.03) on the evaluation batch,
   which is the only way to know their fraction; TeaCache's polynomial is fitted on a
@@ -30,7 +30,8 @@ How each method reaches a target:
   closed-loop γ fitted on the same plan. Then L2C at its own operating point (threshold
   0.5), with FORA, TaylorSeer order 2 and OmniCache at that fraction.
 
-Writes ``benchmarks/results/omnicache-comparison.{json,md,png}`` and prints the tables.
+Writes ``benchmarks/results/omnicache-comparison.{json,md,png}`` and prints the tables; the
+verdicts, explanations and plot are ``benchmarks/compare_report.py``'s.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import argparse
 import datetime
 import itertools
 import json
-import math
 import pathlib
 import platform
 import sys
@@ -47,13 +47,19 @@ import time
 
 import torch
 
-from omnicache import metrics
-from omnicache.api import generate
-from omnicache.evaluate import Bench, format_table, public_row, tune_to_fraction
-from omnicache.io import atomic_path, atomic_write_text
-from omnicache.policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig, OmniCacheConfig,
-                                TaylorSeerConfig, TeaCacheConfig)
-from omnicache.runtime.default import load_classifier, load_default
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import cpu_name  # noqa: E402
+from compare_report import (ablation_summary, explanation, l2c_verdicts, markdown_table,  # noqa: E402
+                            pareto_plot, verdicts)
+
+from omnicache import metrics  # noqa: E402
+from omnicache.api import generate  # noqa: E402
+from omnicache.evaluate import Bench, format_table, public_row, tune_to_fraction  # noqa: E402
+from omnicache.io import atomic_write_text  # noqa: E402
+from omnicache.policies import (DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, L2CConfig,  # noqa: E402
+                                OmniCacheConfig, TaylorSeerConfig, TeaCacheConfig)
+from omnicache.runtime.default import load_classifier, load_default  # noqa: E402
+from omnicache.tuning import scan  # noqa: E402
 
 TARGETS = (0.6, 0.5, 0.4)
 SAMPLERS = ("flow", "ddim")
@@ -107,21 +113,18 @@ def static_candidates(name: str):
 
 
 def tune_static(bench: MemoBench, tune_ref, tune_labels, name: str, target: float):
-    """The static setting near ``target`` that is best on the tuning batch (see the module doc)."""
+    """``(setting, settings tried)``: the static setting near ``target`` that is best on the
+    tuning batch (see the module doc; :func:`omnicache.tuning.scan`)."""
     flops = bench.model.flops_per_sample()
     depth = len(bench.model.blocks)
-    scored = [(abs(c.plan(bench.steps, depth).compute_fraction(flops) - target), c) for c in static_candidates(name)]
-    inside = [c for d, c in scored if d <= TOLERANCE]
-    if not inside:
-        return min(scored, key=lambda dc: dc[0])[1], 0
-    best, best_psnr = None, -math.inf
-    for config in inside:
+
+    def tuning_psnr(config):
         out = generate(bench.model, tune_labels, policy=config, steps=bench.steps, sampler=bench.sampler,
                        guidance=bench.guidance, seed=TUNE_SEED)
-        p = float(metrics.psnr(out.samples, tune_ref).mean())
-        if p > best_psnr:
-            best, best_psnr = config, p
-    return best, len(inside)
+        return float(metrics.psnr(out.samples, tune_ref).mean())
+
+    return scan(static_candidates(name), lambda c: c.plan(bench.steps, depth).compute_fraction(flops), target,
+                TOLERANCE, score=tuning_psnr)
 
 
 def label(name: str, config) -> str:
@@ -146,171 +149,6 @@ def row_of(bench, method: str, target: float, config, retime: bool = True, **ext
     row["speedup"] = bench.reference_wall / row["wall_s"]
     row.update(method=method, target=target, policy=label(method, config), **extra)
     return row
-
-
-# --------------------------------------------------------------------- report
-def markdown_table(rows: list[dict]) -> str:
-    head = ("| target | method | setting | compute | TFLOPs | PSNR (dB) | SSIM | class acc | speedup | ideal |\n"
-            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [head]
-    for r in rows:
-        psnr = "∞" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f}"
-        lines.append(f"| {r['target']:.1f} | {r['method']} | {r['policy']} | {r['compute_fraction']:.3f} | "
-                     f"{r['tflops']:.4f} | {psnr} | {r['ssim']:.4f} | {r['class_acc']:.3f} | "
-                     f"{r['speedup']:.2f} | {r['ideal_speedup']:.2f} |")
-    return "\n".join(lines)
-
-
-def verdicts(rows_by_sampler: dict) -> tuple[list[dict], str]:
-    """Per sampler and target: OmniCache + correction against the best baseline; and a
-    paragraph that says where it wins or loses, from these numbers."""
-    out, text = [], []
-    for sampler, rows in rows_by_sampler.items():
-        ref_acc = next(r["class_acc"] for r in rows if r["method"] == "uncached")
-        for target in TARGETS:
-            at = [r for r in rows if r["target"] == target]
-            omni = next((r for r in at if r["method"] == "OmniCache + correction"), None)
-            base = [r for r in at if r["kind"] == "baseline"]
-            if omni is None or not base:
-                continue
-            best = max(base, key=lambda r: r["psnr"])
-            parts = {r["method"]: r for r in at if r["kind"] == "omnicache"}
-            out.append(dict(sampler=sampler, target=target, omnicache_psnr=omni["psnr"],
-                            omnicache_fraction=omni["compute_fraction"], best_baseline=best["policy"],
-                            best_baseline_psnr=best["psnr"], best_baseline_fraction=best["compute_fraction"],
-                            margin_db=omni["psnr"] - best["psnr"], class_acc_drop=ref_acc - omni["class_acc"],
-                            met=omni["psnr"] >= best["psnr"] + 1.0 and ref_acc - omni["class_acc"] <= 0.02,
-                            reuse_only_psnr=parts.get("OmniCache reuse only", {}).get("psnr"),
-                            filtering_psnr=parts.get("OmniCache + correction + filtering", {}).get("psnr")))
-    for v in out:
-        verb = "wins" if v["margin_db"] >= 1.0 else ("is ahead by less than 1 dB" if v["margin_db"] > 0 else "loses")
-        text.append(f"{v['sampler']} at {v['target']:.1f}: OmniCache {v['omnicache_psnr']:.2f} dB at "
-                    f"{v['omnicache_fraction']:.3f} vs {v['best_baseline']} {v['best_baseline_psnr']:.2f} dB at "
-                    f"{v['best_baseline_fraction']:.3f}: {verb} ({v['margin_db']:+.2f} dB; class accuracy "
-                    f"{round(-v['class_acc_drop'] * 100, 1) + 0.0:+.1f} points vs uncached).")
-    return out, " ".join(text)
-
-
-def ablation_summary(rows_by_sampler: dict) -> str:
-    """What each part contributes, from the measured rows (PSNR differences at equal compute)."""
-    lines = []
-    for sampler, rows in rows_by_sampler.items():
-        for target in ABLATION_TARGETS:
-            at = {r["method"]: r["psnr"] for r in rows if r["target"] == target and r["kind"] == "omnicache"}
-            full = at.get("OmniCache + correction")
-            if full is None:
-                continue
-            parts = []
-            for method, what in (("OmniCache reuse only", "the correction"),
-                                 ("ablation: uniform schedule", "the DP schedule (vs uniform)"),
-                                 ("ablation: curvature cost", "the error cost (vs curvature)"),
-                                 ("ablation: first order", "the second order"),
-                                 ("ablation: open-loop gamma", "the closed-loop fit (vs open loop)")):
-                if method in at:
-                    parts.append(f"{what} {full - at[method]:+.2f} dB")
-            if "OmniCache + correction + filtering" in at:
-                parts.append(f"filtering {at['OmniCache + correction + filtering'] - full:+.2f} dB")
-            lines.append(f"- {sampler}, {target:.1f}: " + "; ".join(parts))
-    return "\n".join(lines)
-
-
-def _span(values) -> str:
-    values = sorted(values)
-    return f"{values[0]:.1f}" if values[-1] - values[0] < 0.05 else f"{values[0]:.1f} to {values[-1]:.1f}"
-
-
-def explanation(rows_by_sampler: dict, summary: list[dict], grid: tuple) -> str:
-    """Why OmniCache wins or loses where it does, in sentences built from the measured rows."""
-    out = []
-    losses = [v for v in summary if not v["met"]]
-    if losses:
-        out.append("OmniCache misses the +1 dB target at: " + "; ".join(
-            f"{v['sampler']} {v['target']:.1f} ({v['margin_db']:+.2f} dB vs {v['best_baseline']}, class accuracy "
-            f"{round(-v['class_acc_drop'] * 100, 1) + 0.0:+.1f} points)" for v in losses) + ".")
-    else:
-        out.append("OmniCache meets the target (>= best baseline + 1 dB, class accuracy within 2 points of "
-                   "uncached) at every measured sampler and compute fraction.")
-    for sampler, rows in rows_by_sampler.items():
-        by = {(r["method"], r["target"]): r for r in rows}
-        full = [r for r in rows if r["method"] == "OmniCache + correction"]
-        plain = [r for r in rows if r["method"] == "OmniCache reuse only"]
-        cheap = [r for r in rows if r["method"] in ("fora", "delta-dit", "teacache", "fbcache")]
-        if not (full and plain and cheap):
-            continue
-        text = (f"{sampler}: reuse alone on the DP schedule gives {_span(r['psnr'] for r in plain)} dB (the "
-                f"baselines that reuse without forecasting, FORA, Δ-DiT, TeaCache and FirstBlockCache: "
-                f"{_span(r['psnr'] for r in cheap)} dB); the correction lifts it to "
-                f"{_span(r['psnr'] for r in full)} dB.")
-        for target in ABLATION_TARGETS:
-            f, u = by.get(("OmniCache + correction", target)), by.get(("ablation: uniform schedule", target))
-            o = by.get(("ablation: open-loop gamma", target))
-            t = by.get(("taylorseer-o2", target))
-            if not (f and u and o and t):
-                continue
-            sched = f.get("schedule", "")
-            half = len(sched) // 2
-            text += (f" At {target:.1f}, the same closed-loop correction on evenly spread reuse steps gives "
-                     f"{u['psnr']:.1f} dB (TaylorSeer order 2, also evenly spread, {t['psnr']:.1f} dB at "
-                     f"{t['compute_fraction']:.3f}), the DP schedule {f['psnr']:.1f} dB: it reuses "
-                     f"{sched[:half].count('.')} of the first {half} steps and {sched[half:].count('.')} of the last "
-                     f"{len(sched) - half}; fitting γ open-loop (each step on the uncached residuals) instead of on "
-                     f"the cached run gives {o['psnr']:.1f} dB.")
-            break
-        out.append(text)
-    filt = [(r["psnr"] - next(q["psnr"] for q in rows if q["method"] == "OmniCache + correction"
-                              and q["target"] == r["target"]))
-            for rows in rows_by_sampler.values() for r in rows if r["method"] == "OmniCache + correction + filtering"]
-    if filt:
-        verdict = "lower at every point" if max(filt) < 0 else "not lower everywhere"
-        out.append(f"Stage-aware filtering of the drifts changes PSNR by {_span(filt)} dB ({verdict}); "
-                   f"the token grid is only {grid[0]}×{grid[1]}, so the frequency masks can only drop the "
-                   f"Nyquist components (early) or the constant (late), and both carry drift that the fitted γ "
-                   f"would use. It stays off by default (OmniCacheConfig.filtering=False).")
-    return "\n\n".join(out)
-
-
-def pareto_plot(rows_by_sampler: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = []
-    for rows in rows_by_sampler.values():
-        for r in rows:
-            if r["method"] not in methods and r["method"] != "uncached" and not r["method"].startswith("ablation"):
-                methods.append(r["method"])
-    markers = "osD^v<>ph*X"
-    colours = plt.cm.tab10.colors
-    style = {m: (markers[i % len(markers)], colours[i % len(colours)]) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, len(rows_by_sampler), figsize=(6.5 * len(rows_by_sampler), 4.8), squeeze=False)
-    for ax, (sampler, rows) in zip(axes[0], rows_by_sampler.items()):
-        for m in methods:
-            pts = sorted((r["speedup"], r["psnr"]) for r in rows if r["method"] == m)
-            if not pts:
-                continue
-            marker, colour = style[m]
-            ax.plot(*zip(*pts), marker=marker, color=colour, label=m, linewidth=1,
-                    linestyle="-" if m.startswith("OmniCache") else ":")
-        ax.set_title(f"{sampler}, 50 steps: speedup vs PSNR (vs uncached)")
-        ax.set_xlabel("measured speedup (uncached wall / cached wall)")
-        ax.set_ylabel("PSNR vs uncached (dB)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-
-
-def cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # ------------------------------------------------------------------------ main
@@ -409,33 +247,6 @@ def l2c_native_rows(bench, tune_ref, tune_labels, log) -> list:
     return rows
 
 
-def l2c_verdicts(rows_by_sampler: dict) -> tuple[list[dict], str]:
-    """L2C's targets: >= 40% of the branches removed in cache steps, and at that compute
-    PSNR >= FORA's + 1 dB; plus what OmniCache's γ adds to L2C's plan."""
-    out, text = [], []
-    for sampler, rows in rows_by_sampler.items():
-        native = {r["method"]: r for r in rows if r["kind"] == "l2c-native"}
-        l2c, fora = native.get("L2C (threshold 0.5)"), native.get("fora")
-        if not (l2c and fora):
-            continue
-        withg = native.get("L2C + OmniCache γ (threshold 0.5)")
-        v = dict(sampler=sampler, removed_in_cache_steps=l2c["removed_in_cache_steps"],
-                 removed_overall=l2c["removed_overall"], compute_fraction=l2c["compute_fraction"],
-                 l2c_psnr=l2c["psnr"], fora_psnr=fora["psnr"], fora_fraction=fora["compute_fraction"],
-                 fora_setting=fora["policy"], margin_db=l2c["psnr"] - fora["psnr"],
-                 l2c_gamma_psnr=withg["psnr"] if withg else None, train_s=l2c["train_s"])
-        v["met"] = v["removed_in_cache_steps"] >= 0.4 and v["margin_db"] >= 1.0
-        out.append(v)
-        text.append(f"{sampler}: the router (trained in {v['train_s']:.0f} s) removes "
-                    f"{v['removed_in_cache_steps'] * 100:.1f}% of the branches in cache steps "
-                    f"({v['removed_overall'] * 100:.1f}% overall), compute {v['compute_fraction']:.3f}, "
-                    f"{v['l2c_psnr']:.2f} dB vs {v['fora_setting']} {v['fora_psnr']:.2f} dB at "
-                    f"{v['fora_fraction']:.3f} ({v['margin_db']:+.2f} dB: target "
-                    f"{'met' if v['met'] else 'missed'}); with OmniCache's γ on the same plan "
-                    f"{v['l2c_gamma_psnr']:.2f} dB.")
-    return out, " ".join(text)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=64, help="evaluation samples (default 64)")
@@ -460,11 +271,11 @@ def main(argv=None) -> int:
     rows_by_sampler = {s: run_sampler(model, classifier, s, args, log) for s in args.samplers}
     total_s = time.perf_counter() - start
 
-    summary, paragraph = verdicts(rows_by_sampler)
+    summary, paragraph = verdicts(rows_by_sampler, TARGETS)
     l2c_summary, l2c_paragraph = l2c_verdicts(rows_by_sampler)
-    ablation = ablation_summary(rows_by_sampler)
+    ablation = ablation_summary(rows_by_sampler, ABLATION_TARGETS)
     side = model.config.input_size // model.config.patch_size
-    why = explanation(rows_by_sampler, summary, (side, side))
+    why = explanation(rows_by_sampler, summary, (side, side), ABLATION_TARGETS)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "omnicache-comparison" + ("-quick" if args.quick else "")

@@ -6,15 +6,14 @@
 The arena: ``omnicache.arena.load_digits_pipeline("latte")``: a class-conditional
 ``LatteTransformer3DModel`` trained on moving digits (8 frames, 16x16), driven by the
 unmodified ``diffusers.LattePipeline`` (CFG on the doubled batch, DDIM). Everything else is
-``benchmarks/compare_diffusers.py``'s (imported, not copied): each system on its own deep
-copy of the pipeline, the same inputs and seeds, the same knob search to compute 0.5 and
-0.4 (±0.03), FLOPs counted by our own hooks on every ``nn.Linear``, interleaved wall-clock
-rounds, host syncs and the fullgraph compile check.
+``benchmarks/compare_diffusers.py``'s and its pieces' (imported, not copied): each system on
+its own deep copy of the pipeline, the same inputs and seeds, the same knob search to compute
+0.5 and 0.4 (±0.03), FLOPs counted by our own hooks on every ``nn.Linear``, interleaved
+wall-clock rounds, host syncs and the fullgraph compile check.
 
 Rows (as Table 1, plus ours and diffusers' hooks): uncached; Δ-DiT; T-GATE (its default
 gate, 0.6 of the steps, and tuned by its partial self-attention caching before the gate); PAB-slow and PAB-fast (fixed) and PAB tuned (the slow
-pyramid scaled); TeaCache (``oc.fit_teacache``) and MagCache (``oc.fit_magcache``),
-tuned; DBCache F1B0 (our FirstBlockCache); OmniCache + correction at 0.5 (OmniCache-slow)
+pyramid scaled); TeaCache and MagCache (fitted by ``oc.calibrate``), tuned; DBCache F1B0 (our FirstBlockCache); OmniCache + correction at 0.5 (OmniCache-slow)
 and 0.4 (OmniCache-fast), reuse-only OmniCache, and OmniCache + correction + stage-aware
 filtering over the (frames, rows, columns) token grid (the filtering ablation); FORA, TaylorSeer, L2C; diffusers'
 PyramidAttentionBroadcast and FasterCache; AdaCache-fast, -fast with MoReg, -slow (fixed
@@ -34,7 +33,6 @@ Writes ``benchmarks/results/video-table1.{md,json,png}`` (``--out`` to change).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import pathlib
@@ -43,21 +41,12 @@ import sys
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import compare_diffusers as cd  # noqa: E402  the comparison: compare(), its options, the run record
+import compare_diffusers_systems as cds  # noqa: E402  the installers
+from compare_diffusers_systems import System  # noqa: E402
 
-
-def _compare_diffusers():
-    name = "compare_diffusers"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / "compare_diffusers.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cd = _compare_diffusers()
-System = cd.System
+from omnicache.io import atomic_path, atomic_write_text  # noqa: E402
 
 
 def score_video(video, ref, labels, classifier):
@@ -80,7 +69,7 @@ def score_video(video, ref, labels, classifier):
 
 
 def _ours(cfg_fn):
-    return cd.ours_static(cfg_fn)
+    return cds.ours_static(cfg_fn)
 
 
 def systems(l2c_iters: int):
@@ -112,9 +101,9 @@ def systems(l2c_iters: int):
             PABConfig.slow().scaled(x), mlp_range=max(1, round(x)), spatial_window=(0.0, 0.9),
             temporal_window=(0.0, 0.9), cross_window=(0.0, 0.9))), ("range scale", "float", 1.0, 8.0),
             note="the slow pyramid's ranges x scale, the MLP broadcast every `scale` steps, windows t/T in [0, 0.9]"),
-        System("ours: TeaCache", "ours", cd.install_teacache, ("threshold", "float", 0.0, 1.0), cd.prep_teacache),
-        System("ours: MagCache", "ours", cd.install_magcache_ours, ("threshold", "float", 0.0, 1.0),
-               cd.prep_magcache_ours),
+        System("ours: TeaCache", "ours", cds.install_teacache, ("threshold", "float", 0.0, 1.0), cds.prep_teacache),
+        System("ours: MagCache", "ours", cds.install_magcache_ours, ("threshold", "float", 0.0, 1.0),
+               cds.prep_magcache_ours),
         System("ours: AdaCache-fast", "ours", _ours(lambda x: AdaCacheConfig("fast")), None),
         System("ours: AdaCache-fast (w/ MoReg)", "ours", _ours(lambda x: AdaCacheConfig("fast", moreg=True)), None),
         System("ours: AdaCache-slow", "ours", _ours(lambda x: AdaCacheConfig("slow")), None),
@@ -128,16 +117,16 @@ def systems(l2c_iters: int):
                ("threshold", "float", 0.0, 1.0)),
         System("ours: FORA", "ours", _ours(lambda n: FORAConfig(interval=n)), ("interval", "int", 1, 12)),
         System("ours: TaylorSeer", "ours", _ours(lambda n: TaylorSeerConfig(interval=n)), ("interval", "int", 1, 12)),
-        System("ours: L2C", "ours", cd.install_l2c(l2c_iters), ("compute_fraction", "target", 0, 1)),
-        System("ours: OmniCache reuse only", "ours", cd.install_omnicache(False), ("compute_fraction", "target", 0, 1)),
-        System("ours: OmniCache + correction", "ours", cd.install_omnicache(True), ("compute_fraction", "target", 0, 1)),
-        System("ours: OmniCache + correction + filtering", "ours", cd.install_omnicache(True, filtering=True),
+        System("ours: L2C", "ours", cds.install_l2c(l2c_iters), ("compute_fraction", "target", 0, 1)),
+        System("ours: OmniCache reuse only", "ours", cds.install_omnicache(False), ("compute_fraction", "target", 0, 1)),
+        System("ours: OmniCache + correction", "ours", cds.install_omnicache(True), ("compute_fraction", "target", 0, 1)),
+        System("ours: OmniCache + correction + filtering", "ours", cds.install_omnicache(True, filtering=True),
                ("compute_fraction", "target", 0, 1),
                note="the ablation: stage-aware filtering of the drifts over the (frames, rows, columns) grid"),
-        System("diffusers: PyramidAttentionBroadcast", "diffusers", cd.diffusers_hook(dpab),
+        System("diffusers: PyramidAttentionBroadcast", "diffusers", cds.diffusers_hook(dpab),
                ("spatial_attention_block_skip_range", "int", 1, 12),
                note="spatial n, temporal n + 2, cross n + 4; diffusers' default windows"),
-        System("diffusers: FasterCache", "diffusers", cd.diffusers_hook(dfaster),
+        System("diffusers: FasterCache", "diffusers", cds.diffusers_hook(dfaster),
                ("spatial_attention_block_skip_range", "int", 1, 12)),
     ]
 
@@ -227,14 +216,14 @@ def plot(report, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    with cd.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 def write(report, stem):
     stem.parent.mkdir(parents=True, exist_ok=True)
-    cd.atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1, default=str))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1, default=str))
     v = report["versions"]
     md = ["# Table 1 on video: caching systems on the Latte moving-digits arena\n",
           f"Command: `{report['command']}`\n",
@@ -247,8 +236,7 @@ def write(report, stem):
                "", "targets: " + json.dumps(block["targets_check"]), ""]
         if block.get("compile"):
             md += ["compile errors:"] + [f"- {k}: {v}" for k, v in block["compile"].items() if v != "ok"] + [""]
-    atomic = cd.atomic_write_text
-    atomic(stem.with_suffix(".md"), "\n".join(md) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
     plot(report, stem.with_suffix(".png"))
     print(f"wrote {stem}.{{json,md,png}}")
 

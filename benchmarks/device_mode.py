@@ -41,26 +41,18 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-from omnicache.io import atomic_write_text
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import cpu_name  # noqa: E402
+
+from omnicache.io import atomic_write_text  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_flux(quick: bool, seed: int = 0):

@@ -23,8 +23,9 @@ and the adaLN-Zero layers included, so nothing is timed on zeros. Per policy:
 - ``host_syncs_per_step``: on CUDA, the synchronising CUDA calls ATen reports under
   ``torch.cuda.set_sync_debug_mode("warn")`` during one extra (untimed) run, divided by
   the steps; on CPU, the tensor read-backs (``item``, ``tolist``, ``cpu``, ``bool()``...,
-  the calls :mod:`omnicache.runtime.syncguard` forbids) counted by a TorchFunctionMode,
-  i.e. the syncs the same loop would pay on a GPU (``host_sync_method`` says which).
+  the calls :mod:`omnicache.runtime.syncguard` forbids) counted by its
+  ``count_host_syncs()`` (a TorchFunctionMode), i.e. the syncs the same loop would pay on
+  a GPU (``host_sync_method`` says which).
 - ``cuda_graphs``: True = each step of the static plan captured once into its own CUDA
   graph (all graphs in one memory pool, each step's output the next one's input, cache
   buffers and γ preallocated by the executor), the whole loop replayed; False = eager;
@@ -64,7 +65,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
 from omnicache.io import atomic_write_json
 from omnicache.plan import CachePlan
@@ -75,10 +75,14 @@ from omnicache.policies import (
     OmniCacheConfig,
     TaylorSeerConfig,
 )
+from omnicache.runtime.engine import calibrator
 from omnicache.runtime.executor import CacheExecutor
 from omnicache.runtime.model import DiT, DiTConfig
-from omnicache.runtime.syncguard import _SYNCING
+from omnicache.runtime.syncguard import count_host_syncs
 from omnicache.policies.omnicache.schedule import max_reuse_steps
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import device_name, slug  # noqa: E402
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 REQUIRED_KEYS = ("policy", "compute_fraction", "ideal_speedup", "measured_speedup", "host_syncs_per_step",
@@ -171,20 +175,12 @@ def make_policy(name: str, args, steps: int, depth: int):
 
 
 # ----------------------------------------------------------------------- the loops
-def zero_caches(ex: CacheExecutor) -> None:
-    """What ``CacheExecutor.run`` does first: every run starts from zeroed caches."""
-    ex.reset_cache()
-    if ex.decider is not None:
-        ex._ref = None
-        ex.decider.start(ex.batch)
-
-
 def step_functions(ex: CacheExecutor) -> list:
-    """``x -> x_next`` per step: the static plan's ``step_fn(i)``, or the decider's step."""
-    if ex.plan is not None:
+    """``x -> x_next`` per step: the static plan's ``step_fn(i)``, or the executor's ``step(i, x)``."""
+    if ex.kind == "static":
         fns = [ex.step_fn(i) for i in range(ex.steps)]
         return [lambda x, f=f: f(x)[0] for f in fns]
-    return [lambda x, i=i: ex._dynamic_step(i, x)[0] for i in range(ex.steps)]
+    return [lambda x, i=i: ex.step(i, x)[0] for i in range(ex.steps)]
 
 
 class EagerLoop:
@@ -192,7 +188,7 @@ class EagerLoop:
         self.ex, self.x0, self.fns = ex, x0, step_functions(ex)
 
     def prepare(self):
-        zero_caches(self.ex)
+        self.ex.reset_cache()  # what CacheExecutor.run does first: zeroed caches, decisions restarted
         return self.x0.clone()
 
     def __call__(self, x):
@@ -212,7 +208,7 @@ class GraphLoop:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: kernels compiled, handles made
-            zero_caches(ex)
+            ex.reset_cache()
             x = x0.clone()
             for f in fns:
                 x = f(x)
@@ -231,7 +227,7 @@ class GraphLoop:
         torch.cuda.synchronize()
 
     def prepare(self):
-        zero_caches(self.ex)
+        self.ex.reset_cache()
         return None
 
     def __call__(self, _x):
@@ -241,18 +237,7 @@ class GraphLoop:
         return self.outs[-1]
 
 
-class _CountReadbacks(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _SYNCING:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_host_syncs(loop, device: torch.device) -> tuple[torch.Tensor, int, str]:
+def host_syncs(loop, device: torch.device) -> tuple[torch.Tensor, int, str]:
     """``(output, host syncs, method)`` of one run of ``loop`` (see the module docstring)."""
     x = loop.prepare()
     if device.type == "cuda":
@@ -268,9 +253,9 @@ def count_host_syncs(loop, device: torch.device) -> tuple[torch.Tensor, int, str
         torch.cuda.synchronize()
         n = sum("synchroniz" in str(w.message).lower() for w in caught)
         return out, n, "cuda sync_debug_mode warn"
-    with _CountReadbacks() as mode:
+    with count_host_syncs() as syncs:
         out = loop(x)
-    return out, mode.count, "tensor read-backs (TorchFunctionMode, cpu)"
+    return out, syncs.count, "tensor read-backs (TorchFunctionMode, cpu)"
 
 
 def time_runs(loop, device: torch.device, repeats: int) -> list[float]:
@@ -294,19 +279,6 @@ def time_runs(loop, device: torch.device, repeats: int) -> list[float]:
 
 
 # ------------------------------------------------------------------------------ main
-def device_name(device: torch.device) -> str:
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    import bench_ops
-
-    return bench_ops.device_name(device)
-
-
-def slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40]
-
-
 def gb(nbytes) -> float:
     return nbytes / 1e9
 
@@ -315,7 +287,8 @@ def bench_policy(name, args, model, labels, device, modes, x0_seed=0):
     """Every requested mode of one policy; returns result dicts (without speedups yet)."""
     steps, depth = args.steps, len(model.blocks)
     policy = make_policy(name, args, steps, depth)
-    ex = CacheExecutor(model, labels, policy, steps=steps, sampler=args.sampler, guidance=args.guidance)
+    ex = CacheExecutor(model, labels, policy, steps=steps, sampler=args.sampler, guidance=args.guidance,
+                       calibrate=calibrator(model, sampler=args.sampler, guidance=args.guidance))  # OmniCache fitted here
     if device.type == "cuda":
         torch.cuda.empty_cache()
     x0 = ex.init_noise(x0_seed)
@@ -350,7 +323,7 @@ def bench_policy(name, args, model, labels, device, modes, x0_seed=0):
             loop = GraphLoop(ex, x0) if graphs else EagerLoop(ex, x0)  # GraphLoop warms up itself
             if ref is None and not graphs:
                 ref = loop(loop.prepare()).clone()  # warm-up run, and the reference output
-            result, syncs, method = count_host_syncs(loop, device)  # after warm-up: no first-call syncs
+            result, syncs, method = host_syncs(loop, device)  # after warm-up: no first-call syncs
             if ref is None:
                 ref = result.clone()
             else:

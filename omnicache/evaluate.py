@@ -23,6 +23,7 @@ from .policies import (CachePlan, DeltaDiTConfig, FirstBlockCacheConfig, FORACon
                        OmniCacheConfig, TaylorSeerConfig, TeaCacheConfig)
 from .runtime.engine import RuntimeEngine, calibrate
 from .runtime.samplers import make_sampler
+from .tuning import Knob, nearest_setting
 
 POLICIES: dict[str, type] = {
     "nocache": NoCacheConfig,
@@ -36,7 +37,8 @@ POLICIES: dict[str, type] = {
 }
 
 # The setting that trades quality for compute, per policy: (field, kind, lower, upper).
-# Integer knobs are scanned; float knobs are bisected (compute falls as they grow).
+# Integer knobs are scanned; float knobs are bisected (compute falls as they grow);
+# "exact": the knob is the target itself (omnicache.tuning).
 KNOBS: dict[str, tuple[str, str, float, float]] = {
     "fora": ("interval", "int", 1, 12),
     "delta-dit": ("interval", "int", 1, 12),
@@ -207,40 +209,21 @@ class Bench:
 
 def tune_to_fraction(bench: Bench, name: str, target: float, sets=(), tolerance: float = 0.03):
     """The config of policy ``name`` whose compute fraction is closest to ``target``:
-    integer knobs are scanned, float knobs bisected until within ``tolerance``."""
+    integer knobs are scanned, float knobs bisected until within ``tolerance / 3``
+    (:func:`omnicache.tuning.nearest_setting`, ties to the first evaluated)."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"--compute-fraction must be in (0, 1], got {target}")
     if name not in KNOBS:
         raise ValueError(f"policy {name!r} has no compute knob; drop --compute-fraction")
     field, kind, lo, hi = KNOBS[name]
     base = make_config(name, sets)
-    if kind == "exact":
-        return dataclasses.replace(base, **{field: target})
 
     def with_knob(v):
         return dataclasses.replace(base, **{field: int(v) if kind == "int" else v})
 
-    if kind == "int":
-        best = None
-        for v in range(int(lo), int(hi) + 1):
-            cfg = with_knob(v)
-            f = bench.compute_fraction(cfg)
-            if best is None or abs(f - target) < best[0]:
-                best = (abs(f - target), cfg)
-            if f < target - tolerance:  # fractions only fall as the interval grows
-                break
-        return best[1]
-    best = None
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        cfg = with_knob(mid)
-        f = bench.compute_fraction(cfg)
-        if best is None or abs(f - target) < best[0]:
-            best = (abs(f - target), cfg)
-        if abs(f - target) <= tolerance / 3:
-            break
-        lo, hi = (mid, hi) if f > target else (lo, mid)
-    return best[1]
+    knob = nearest_setting(lambda v: bench.compute_fraction(with_knob(v)), target, Knob(kind, lo, hi),
+                           tolerance=tolerance, bisections=14)
+    return with_knob(knob)
 
 
 COLUMNS = [("policy", "{:<32s}"), ("compute_fraction", "{:>8.3f}"), ("tflops", "{:>8.4f}"),

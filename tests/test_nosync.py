@@ -81,3 +81,39 @@ def test_inductor_order2_store(model):
     ex = CacheExecutor(model, LABELS, plan, steps=8, guidance=2.0)
     # inductor reorders the model's float ops (~1e-6 here); the mis-ordered store was off by ~5.
     compile_step_equals_eager(ex, 3, "inductor", atol=1e-4)
+
+
+# ------------------------------------------------------------------ count_host_syncs
+def test_count_host_syncs_counts_the_read_backs():
+    from omnicache.runtime.syncguard import count_host_syncs
+
+    x = torch.ones(4)
+    methods = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "nonzero")}
+    with count_host_syncs() as syncs:
+        x.sum().item()
+        x.tolist()
+        bool(x[0]), float(x[0]), int(x[0])
+        x.nonzero()  # not a read-back by default
+        y = (x * 2).sum()  # device work is not counted
+    assert syncs.count == 5 and dict(syncs.by_method) == {"item": 1, "tolist": 1, "__bool__": 1, "__float__": 1,
+                                                          "__int__": 1}
+    with count_host_syncs(("item", "nonzero")) as only:
+        x.sum().item(), x.nonzero(), x.tolist()
+    assert only.count == 2 and dict(only.by_method) == {"item": 1, "nonzero": 1}
+    # everything restored: the methods are torch's own, no mode is left, later calls are not counted
+    assert all(getattr(torch.Tensor, n) is m for n, m in methods.items())
+    assert not torch._C._is_torch_function_mode_enabled()
+    assert y.item() == 8.0 and syncs.count == 5 and only.count == 2
+
+
+def test_count_host_syncs_restores_after_an_error_and_checks_names():
+    from omnicache.runtime.syncguard import count_host_syncs
+
+    with pytest.raises(ZeroDivisionError), count_host_syncs():
+        torch.ones(1).item() / 0
+    assert not torch._C._is_torch_function_mode_enabled()
+    with pytest.raises(ValueError, match="not syncing tensor methods"), count_host_syncs(("item", "sum")):
+        pass
+    with count_host_syncs() as outer, pytest.raises(HostSyncError), no_host_sync():  # the guard still raises
+        torch.ones(1).item()
+    assert outer.count == 0  # the guard, innermost, saw the call first

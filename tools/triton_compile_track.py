@@ -40,12 +40,14 @@ import importlib
 import inspect
 import itertools
 import json
+import math
 import os
 import pkgutil
 import platform
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -290,8 +292,6 @@ def _ptxas_report(ptx: str, arch: int, fp_fusion: bool) -> tuple[int, int, int, 
     """(registers, spill stores, spill loads, static shared bytes) from ``ptxas -v``."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
@@ -322,11 +322,9 @@ def _widest(pattern: re.Pattern, ptx: str) -> tuple[str, int]:
 def compile_one(k: Kernel, dtype: str, arch: int, alignment: str, branch: dict, sizes: dict) -> Result:
     num_warps = sizes.get("num_warps", 4)
     size_consts = {n: v for n, v in sizes.items() if n != "num_warps"}
-    res = Result(
-        kernel=k.name, dtype=dtype, arch=arch, alignment=alignment,
-        branch=" ".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in branch.items()) or "-",
-        sizes=" ".join(f"{n}={v}" for n, v in size_consts.items()), num_warps=num_warps,
-    )
+    res = Result(kernel=k.name, dtype=dtype, arch=arch, alignment=alignment,
+                 branch=" ".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in branch.items()) or "-",
+                 sizes=" ".join(f"{n}={v}" for n, v in size_consts.items()), num_warps=num_warps)
     signature, attrs = {}, {}
     for i, p in enumerate(k.fn.params):
         if p.is_constexpr:
@@ -396,13 +394,9 @@ def run(archs=ARCHS, dtypes=tuple(DTYPES), log=print) -> tuple[list[Kernel], lis
 def versions() -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
 
-    return {
-        "triton": triton.__version__,
-        "ptxas": get_ptxas(90).version,
-        "python": platform.python_version(),
-        "machine": platform.processor() or platform.machine(),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    return {"triton": triton.__version__, "ptxas": get_ptxas(90).version, "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def _fold(branches: list[str]) -> str:
@@ -412,10 +406,7 @@ def _fold(branches: list[str]) -> str:
     dicts = [dict(kv.split("=", 1) for kv in b.split()) for b in branches]
     names = list(dicts[0])
     values = {n: sorted({d[n] for d in dicts}) for n in names}
-    product = 1
-    for v in values.values():
-        product *= len(v)
-    if product != len(set(branches)):
+    if math.prod(len(v) for v in values.values()) != len(set(branches)):
         return " / ".join(branches)
     return " ".join(f"{n}={'*' if len(v) > 1 and len(v) == _ALL_VALUES_OF.get(n) else '|'.join(v)}"
                     for n, v in values.items())
@@ -439,9 +430,8 @@ def table(results: list[Result], meta: dict, wall_s: float) -> str:
             rows[same][1].append(branch)
         else:
             rows[same] = [pair, [branch]]
-    lines = [
-        "# Triton compile track",
-        "",
+    lines = [  # the header, then one row per kernel, dtype, arch and folded branches
+        "# Triton compile track", "",
         f"`python tools/triton_compile_track.py --write` on {meta['date']}: triton {meta['triton']}, "
         f"ptxas {meta['ptxas']}, no GPU (ahead-of-time `triton.compile` for "
         f"`GPUTarget(\"cuda\", 80|90, 32)`). {len(results)} compiles in {wall_s:.0f} s, "
