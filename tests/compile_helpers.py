@@ -1,6 +1,12 @@
-"""Checks that one compiled static step equals eager, caches included (used by several tests)."""
+"""Checks shared by several tests: one compiled static step equals eager, caches included;
+a device-mode run reads nothing back but ``torch.cond``'s predicates."""
+
+import contextlib
+from unittest import mock
 
 import torch
+
+from omnicache.runtime.syncguard import count_host_syncs
 
 
 def cache_state(ex):
@@ -31,3 +37,24 @@ def compile_step_equals_eager(ex, i, backend, atol=1e-6):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(cache_state(ex), after):  # the compiled step wrote the caches like eager
         torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
+
+
+@contextlib.contextmanager
+def only_cond_reads():
+    """Every value read back inside the block is an eager ``torch.cond`` evaluating its
+    predicate (``if pred``: one ``__bool__`` per ``torch.cond``; a CUDA-graph capture removes
+    them): the cache bookkeeping itself reads nothing. Yields the list of predicates."""
+    # eager torch.cond traces its branches with dynamo; branches cached for an earlier model
+    # (same code, other constants) make it recompile with Python floats (a norm's eps) lifted
+    # into host tensors it reads back with .item(): host scalars, no device read, but counted
+    torch._dynamo.reset()
+    conds = []
+    cond = torch.cond
+
+    def counted(pred, *args, **kwargs):
+        conds.append(pred)
+        return cond(pred, *args, **kwargs)
+
+    with mock.patch.object(torch, "cond", counted), count_host_syncs() as syncs:
+        yield conds
+    assert dict(syncs.by_method) == ({"__bool__": len(conds)} if conds else {}), (syncs, len(conds))

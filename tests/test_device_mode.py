@@ -1,5 +1,6 @@
 """Dynamic policies with ``mode="device"`` on our runtime: the host mode's decisions and
-outputs, no host sync over the sampling loop, one ``fullgraph`` compile for the whole run."""
+outputs, no host read over the sampling loop but ``torch.cond``'s own predicate (none in
+``mode="device-where"`` or a CUDA graph), one ``fullgraph`` compile for the whole run."""
 
 import copy
 import dataclasses
@@ -11,7 +12,9 @@ import torch
 from omnicache.cache import DeviceDecisions
 from omnicache.policies import FirstBlockCacheConfig, TeaCacheConfig
 from omnicache.runtime.executor import CacheExecutor
-from omnicache.runtime.syncguard import no_host_sync
+from omnicache.runtime.syncguard import count_host_syncs, no_host_sync
+
+from compile_helpers import only_cond_reads
 
 LABELS = torch.tensor([2, 7, 1])
 STEPS = 8
@@ -62,8 +65,9 @@ def test_device_mode_equals_host_mode(model, name):
     config = POLICIES[name](threshold_for(model, POLICIES[name]))
     x_host, s_host = CacheExecutor(model, LABELS, config, steps=STEPS, guidance=3.0).run(0)
     ex = CacheExecutor(model, LABELS, device(config), steps=STEPS, guidance=3.0)
-    with no_host_sync():  # the whole sampling loop: not one value read back
+    with only_cond_reads() as conds:  # the whole sampling loop (a CUDA graph: test at the end)
         x_dev, s_dev = ex.run(0, summary=False)
+    assert len(conds) == STEPS  # one torch.cond per step
     s_dev = ex.summary()
     dec_host = [d["compute"] for d in s_host.stats]
     assert [d["compute"] for d in s_dev.stats] == dec_host
@@ -108,9 +112,11 @@ def test_compiled_run_fullgraph_no_recompile(model, name):
 
     ex.device_forward = torch.compile(ex.device_forward, fullgraph=True, backend=backend)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(2):
-            with no_host_sync():
+        for run in range(2):
+            with count_host_syncs() as syncs:
                 x, _ = ex.run(0, summary=False)
+            if run:  # once compiled (the first run's tracing reads a value): the traced graph runs
+                assert dict(syncs.by_method) == {"__bool__": STEPS}, syncs  # its torch.cond eagerly
             s = ex.summary()
             torch.testing.assert_close(x, x_eager, rtol=1e-5, atol=1e-5)
             assert [d["compute"] for d in s.stats] == [d["compute"] for d in s_eager.stats]

@@ -21,6 +21,8 @@ from omnicache.runtime import DiT, DiTConfig, sample
 from omnicache.runtime.executor import CacheExecutor
 from omnicache.runtime.samplers import cfg_batch, cfg_combine, cfg_labels, make_sampler
 
+from compile_helpers import only_cond_reads
+
 DEPTH = 4
 
 
@@ -285,15 +287,14 @@ def test_dbcache_back_blocks_and_consecutive_cap(model):
 
 def test_dbcache_device_mode_equals_host_mode(model):
     """DBCache's back blocks and cap with ``mode="device"``: the host mode's decisions and output."""
-    from omnicache.runtime.syncguard import no_host_sync
-
     probe = run(model, FirstBlockCacheConfig(threshold=0.0, last_blocks=1))[1]
     rel = sorted(probe.stats[1]["signal_rel_l1"])
     cfg = FirstBlockCacheConfig(threshold=(rel[1] + rel[2]) / 2, last_blocks=1, max_consecutive=2)
     x_host, s_host = run(model, cfg)
     ex = CacheExecutor(model, LABELS, dataclasses.replace(cfg, mode="device"), steps=8, guidance=3.0)
-    with no_host_sync():
+    with only_cond_reads() as conds:
         x_dev, _ = ex.run(0, summary=False)
+    assert len(conds) == 8  # one torch.cond per step
     s_dev = ex.summary()
     assert [d["compute"] for d in s_dev.stats] == [d["compute"] for d in s_host.stats]
     assert any(0 < sum(d["compute"]) < len(LABELS) for d in s_host.stats)
