@@ -48,6 +48,7 @@ class _Installer:
         self.rt, self.variants, self.inner_saved = rt, {}, None
         # calibration may wrap each installed forward (e.g. to probe a reuse step): f -> f'
         self.wrap_forward, self.wrapped = None, []
+        self.running = []  # per block: how many of its calls are running (while counting FLOPs)
 
     def switch(self, name):
         key = self.rt.prepare(self.rt.session.context(name))
@@ -93,6 +94,14 @@ class _Installer:
         """Attach (``on``) or detach the ``nn.Linear`` FLOP-counting hooks."""
         if on and not self.linear_handles:
             self.linear_handles = [m.register_forward_hook(h) for m, h in self.linears]
+            # a block's layer called from outside the block (DiT's final layer runs block 0's
+            # norm1.emb) is counted outside: the count follows which block is running
+            running = self.running = [0] * len(self.rt.blocks)
+            for k, blk in enumerate(self.rt.blocks):
+                self.linear_handles.append(blk.register_forward_pre_hook(
+                    lambda m, a, k=k: running.__setitem__(k, running[k] + 1)))
+                self.linear_handles.append(blk.register_forward_hook(
+                    lambda m, a, o, k=k: running.__setitem__(k, running[k] - 1)))
         elif not on and self.linear_handles:
             for h in self.linear_handles:
                 h.remove()
@@ -107,8 +116,11 @@ class _Installer:
 
 def _linear_hook(rt, index, part, module, args, output):
     """Count an ``nn.Linear`` call's FLOPs (eager calls only, :func:`omnicache.cache.linear_flops`)
-    by block ``index`` (-1: outside the blocks) and ``part`` (the branch's index, -1 the rest)."""
+    by block ``index`` (-1: outside the blocks, or its block is not running) and ``part`` (the
+    branch's index, -1 the rest)."""
     if not torch.compiler.is_compiling():
+        if index >= 0 and not rt.installer.running[index]:
+            index = -1
         rt.count_linear(index, part, linear_flops(module, args[0]))
 
 
