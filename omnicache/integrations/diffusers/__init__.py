@@ -22,9 +22,9 @@ record, replay, the scheduler step's sensitivity, router training).
 from ...arena import digits_images, digits_inputs, load_digits_pipeline
 from .engine import DiffusersEngine
 from .install import _ATTR, adapter_of, disable, enable, reset, summary
-from .models import BLOCKS, MODELS, BlockIO, ModelSpec
+from .models import BLOCKS, MODELS, BlockIO, ModelSpec, register
 
-__all__ = ["enable", "disable", "reset", "summary", "adapter_of", "calibrate", "DiffusersEngine",
+__all__ = ["enable", "disable", "reset", "summary", "adapter_of", "calibrate", "DiffusersEngine", "register",
            "load_digits_pipeline", "digits_inputs", "digits_images", "MODELS", "BLOCKS", "BlockIO", "ModelSpec"]
 
 

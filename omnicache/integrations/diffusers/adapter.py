@@ -50,6 +50,9 @@ class DiffusersAdapter:
                                      check=self._check_plan, where="omnicache.integrations.diffusers", model=cls)
         if self.per_sample:
             undeclared = sorted({type(b.module).__name__ for b in self.bound if b.io.batched is None})
+            if not self.spec.batch_first:
+                raise TypeError(f"per_sample: {cls}'s blocks do not run the batch on their first dimension "
+                                f"(ModelSpec.batch_first is False: {self.spec.note or 'declared so'})")
             if undeclared:
                 raise TypeError(f"per_sample: block class(es) {', '.join(undeclared)} declare no batched "
                                 f"arguments (models.BlockIO.batched)")
@@ -60,6 +63,12 @@ class DiffusersAdapter:
         self.kind, self.granularity, self.units, self.nb = s.kind, s.granularity, s.units, s.nb
         self.moreg_frames = None
         if self.kind == "dynamic":
+            norm1 = self.spec.norm1
+            if s.signal == "modulated_input" and not isinstance(getattr(self.blocks[0], norm1 or "", None),
+                                                                 torch.nn.Module):
+                raise TypeError(f"{self.policy.name}Config needs the model's modulated input (block 0's "
+                                f"ModelSpec.norm1); {cls} declares "
+                                + (f"{norm1!r}, which block 0 does not have" if norm1 else "none"))
             head, end = s.units[0]
             lists = self.spec.blocks
             if not self.spec.stack and self.spec.interleave and head % len(lists) != (end - 1) % len(lists):
@@ -183,13 +192,13 @@ class DiffusersAdapter:
         lo, hi = self.units[u]
         if k != lo:  # the unit's residual was applied at its first block
             return self.bound[k].pack(inputs)
-        units, out = self.current.units, {}
+        units, out, passed = self.current.units, {}, self.bound[k].io.passed
         for name, x in inputs.items():
             cu = units.get((u, name))
             if cu is not None and x is not None:
                 out[name] = cu.reuse(x, g1, g2)
-            else:
-                out[name] = None if hi - lo == 1 else x  # None: the block returns no such stream (SD3's last)
+            else:  # None: the block returns no such stream (SD3's last)
+                out[name] = None if hi - lo == 1 and name not in passed else x
         return self.bound[k].pack(out)
 
     def _store_unit(self, k, u, out):
@@ -220,7 +229,7 @@ class DiffusersAdapter:
         lo, hi = self.units[u]
         act = self.step_actions[u]
         if act == REUSE and self.fitting is None:
-            return self._reuse_unit(k, u, self.bound[k].inputs(args, kwargs), self.g1, self.g2)
+            return self._reuse_unit(k, u, self.bound[k].inputs(args, kwargs, passed=True), self.g1, self.g2)
         if k == lo and act != 0:  # STORE, or a reuse a calibration runs to see its true output
             self.inp[u] = self.bound[lo].inputs(args, kwargs)
         out = orig(*args, **kwargs)
@@ -277,11 +286,7 @@ class DiffusersAdapter:
         self.share[k] = keep / h.shape[1]
 
         def run(sub):
-            a, kw = list(args), dict(kwargs)
-            if "hidden_states" in kw:
-                kw["hidden_states"] = sub
-            else:
-                a[bb.pos["hidden_states"]] = sub
+            a, kw = bb.with_input(args, kwargs, "hidden_states", sub)
             return orig(*a, **kw)
 
         return cache.partial(run, h, keep, self.policy.magnitude_weight)
@@ -316,7 +321,7 @@ class DiffusersAdapter:
             return orig(*args, **kwargs)
         bb = self.bound[k]
         if not self.some:
-            return self._reuse_unit(k, 0, bb.inputs(args, kwargs), None, None)
+            return self._reuse_unit(k, 0, bb.inputs(args, kwargs, passed=True), None, None)
         if self.rows is None:  # every sample computes
             if k == head:
                 self.inp[0] = bb.inputs(args, kwargs)
@@ -326,15 +331,16 @@ class DiffusersAdapter:
             return out
         # some samples compute: the block runs on their rows; the other rows reuse (the cached
         # residual at the first cached block, unchanged through the others)
-        rows, ctx, inputs = self.rows, self.current, bb.inputs(args, kwargs)
+        rows, ctx, inputs = self.rows, self.current, bb.inputs(args, kwargs, passed=True)
         sub_args, sub_kwargs = bb.sub_batch(args, kwargs, rows, ctx.decisions.samples)
         out = bb.outputs(orig(*sub_args, **sub_kwargs))
         if k == head:
-            self.inp[0] = inputs
+            self.inp[0] = {n: inputs[n] for n in bb.io.cached}
             base = bb.outputs(self._reuse_unit(k, 0, inputs, None, None))
         else:
             base = inputs
-        full = {n: None if x is None or base.get(n) is None else base[n].index_copy(0, rows, x) for n, x in out.items()}
+        full = {n: base[n] if n in bb.io.passed else None if x is None or base.get(n) is None
+                else base[n].index_copy(0, rows, x) for n, x in out.items()}
         if k == end - 1:  # the computed rows' residual, into their rows of F
             ins = self.inp[0]
             for name, x in out.items():
@@ -362,7 +368,7 @@ class DiffusersAdapter:
         if k >= end:
             return orig(*args, **kwargs)
         bb, ctx = self.bound[k], self.current
-        inputs, dec = bb.inputs(args, kwargs), ctx.decisions
+        inputs, dec = bb.inputs(args, kwargs), ctx.decisions  # the cached streams
         if k == head:
             self.inp[0] = inputs
         if self.device_first:  # nothing stored yet: every sample computes
@@ -388,6 +394,9 @@ class DiffusersAdapter:
             result = compute_or_reuse(dec, compute, reuse, (dec.mask,), where=self.session.mode == "device-where",
                                       mix=False)
             out = {n: result.get(n) for n in inputs}
+            if bb.io.passed:  # what the block returns unchanged
+                given = bb.inputs(args, kwargs, passed=True)
+                out.update({n: given[n] for n in bb.io.passed})
         if k == end - 1:  # F = where(compute, out - inp, F) per cached stream (allocated at the first call)
             for name, x in out.items():
                 if x is not None and self.inp[0].get(name) is not None:

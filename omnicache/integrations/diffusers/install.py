@@ -194,10 +194,7 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
             sub.forward = functools.partial(rt.branch_forward, k, kind, j, sub.forward, sub)
     inst.handles = []
     if rt.kind == "dynamic" and rt.session.signal == "modulated_input":  # TeaCache: block 0's norm1
-        norm1 = getattr(rt.blocks[0], MODELS[cls].norm1, None)
-        if norm1 is None:
-            raise TypeError(f"{type(config).__name__} needs block 0's {MODELS[cls].norm1} on {cls}")
-        inst.handles.append(norm1.register_forward_hook(rt.capture_norm1))
+        inst.handles.append(getattr(rt.blocks[0], MODELS[cls].norm1).register_forward_hook(rt.capture_norm1))
     index = {id(m): (b, -1) for b, blk in enumerate(rt.blocks) for m in blk.modules()}
     index.update({id(m): (k, kind) for k, kind, _, sub in branch_subs for m in sub.modules()})
     inst.linears = [(m, functools.partial(_linear_hook, rt, *index.get(id(m), (-1, -1))))
