@@ -137,7 +137,7 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
             that must be fitted on the model (``OmniCacheConfig``, ``L2CConfig`` without
             ``plan_path``) is refused here: calibrate it first.
         steps: sampling steps per run; with a pipeline, read from its scheduler if None.
-            Without a pipeline, a static policy needs it here.
+            Without a pipeline, a plan's own steps, and any other static policy needs it here.
         granularity: ``"step"``, ``"block"`` or ``"branch"``; default the policy's. ``"branch"``
             (FORA's and Learning-to-Cache's plans) caches each block's attention and MLP
             submodule outputs before the block applies its gate (the branches each block class
@@ -169,8 +169,10 @@ def enable(pipe_or_transformer, config, *, steps: int | None = None, granularity
                            f"call omnicache.integrations.diffusers.disable(...) first")
     cls = type(transformer).__name__
     if cls not in MODELS:
-        raise TypeError(f"omnicache.integrations.diffusers does not support {cls}; "
-                        f"supported: {', '.join(MODELS)}")
+        raise TypeError(f"omnicache.integrations.diffusers does not support {cls}; supported: "
+                        f"{', '.join(MODELS)} (or declare it: omnicache.integrations.diffusers.register)")
+    if steps is None and pipe is None and isinstance(config, CachePlan):
+        steps = config.steps  # a bare transformer runs the plan's steps
     rt = DiffusersAdapter(transformer, pipe, config, steps, granularity, group, check_plan, per_sample=per_sample)
     if steps is None and rt.kind == "static" and getattr(pipe, "scheduler", None) is None:
         raise ValueError(f"steps: a static policy on a bare {cls} needs enable(..., steps=N) "

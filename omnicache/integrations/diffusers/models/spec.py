@@ -135,25 +135,33 @@ def _setter(obj):
 
 
 def return_arities(fn) -> set:
-    """The arities of ``fn``'s ``return`` statements (a tuple literal: its length; a call or a
-    name: unknown), empty where any is unknown or the source cannot be read."""
+    """The arities of ``fn``'s ``return`` statements, read from its source: a tuple literal has
+    its length, a name 1 (unless ``fn`` binds that name to a tuple literal somewhere); empty
+    (unknown) where any return is something else (a call, a starred tuple) or the source
+    cannot be read."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
         return set()
-    out = set()
-    body = tree.body[0]
-    stack = list(body.body)
-    while stack:
+    nodes, stack = [], list(tree.body[0].body)
+    while stack:  # fn's own statements: a nested function's returns are its own
         node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            continue  # a nested function's returns are its own
-        if isinstance(node, ast.Return):
-            if isinstance(node.value, ast.Tuple) and not any(isinstance(e, ast.Starred) for e in node.value.elts):
-                out.add(len(node.value.elts))
-            else:
-                return set()
-        stack.extend(ast.iter_child_nodes(node))
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            nodes.append(node)
+            stack.extend(ast.iter_child_nodes(node))
+    tuples = {t.id for n in nodes if isinstance(n, (ast.Assign, ast.AnnAssign)) and isinstance(n.value, ast.Tuple)
+              for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    out = set()
+    for node in nodes:
+        if not isinstance(node, ast.Return):
+            continue
+        v = node.value
+        if isinstance(v, ast.Tuple) and not any(isinstance(e, ast.Starred) for e in v.elts):
+            out.add(len(v.elts))
+        elif isinstance(v, ast.Name) and v.id not in tuples:
+            out.add(1)
+        else:
+            return set()
     return out
 
 
